@@ -1,0 +1,39 @@
+# Two commands a new user needs: `make demo` and `make test`. Both set up .venv on first use.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+FMNIST_DIR ?= /usr/share/datasets/fashion-mnist
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test install data clean bench
+
+# Debian ships Fashion-MNIST as idx.gz files; install them once if they are missing.
+data: $(FMNIST_DIR)/train-images-idx3-ubyte.gz
+$(FMNIST_DIR)/train-images-idx3-ubyte.gz:
+	@if [ "$(FMNIST_DIR)" = "/usr/share/datasets/fashion-mnist" ]; then \
+	  echo "Installing Debian's dataset-fashion-mnist (needs root)..."; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq dataset-fashion-mnist; \
+	else echo "Fashion-MNIST not found under $(FMNIST_DIR)"; exit 1; fi
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch first and pinned, so that nothing pulls a CUDA build.
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[test]'
+	@touch $(STAMP)
+
+install: $(STAMP) data
+
+demo: install
+	$(BIN)/feddtl run --config demo --out runs/demo --compare zeroshot
+
+test: install
+	$(BIN)/python -m pytest -q
+
+bench: install
+	$(BIN)/python benchmarks/cache_speed.py
+
+clean:
+	rm -rf runs .pytest_cache

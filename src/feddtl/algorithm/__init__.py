@@ -1,0 +1,1 @@
+"""The FedDTL algorithm: client step, server step, GRPO loss, aggregation (DESIGN.md)."""

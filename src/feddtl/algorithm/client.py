@@ -1,0 +1,174 @@
+"""The client step of FedDTL (DESIGN.md, "One round", step 2).
+
+Only the image-encoder LoRA trains; the class text embeddings T are fixed for the round. Rounds
+t <= M run supervised cross-entropy, rounds t > M the GRPO-style objective. The client uploads its
+image LoRA, its sample count, and L2-normalised image embeddings of its training images with labels.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from feddtl.algorithm.client_config import ClientConfig
+from feddtl.algorithm.encoding import TrunkFeatures, image_embeddings, image_features
+from feddtl.algorithm.grpo import class_logits, grpo_loss, hybrid_reference_logprobs, sample_actions
+from feddtl.algorithm.grpo_config import GRPOConfig
+from feddtl.algorithm.messages import ClientTask, ClientUpdate
+from feddtl.backbones.base import Backbone
+
+
+@dataclass
+class ClientData:
+    """A client's local training set, as trunk features (the trunk never trains)."""
+
+    client_id: int
+    features: TrunkFeatures
+    labels: torch.Tensor
+    """(N,) int64 base-class indices."""
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def minibatches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
+    """Seeded shuffled index batches covering 0..n-1 once."""
+    perm = torch.randperm(n, generator=generator)
+    for i in range(0, n, batch_size):
+        yield perm[i : i + batch_size]
+
+
+def _mean_metrics(rows: list[dict[str, float]]) -> dict[str, float]:
+    if not rows:
+        return {}
+    return {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
+
+
+def sft_epochs(
+    backbone: Backbone,
+    data: ClientData,
+    class_embeddings: torch.Tensor,
+    params: list[torch.nn.Parameter],
+    epochs: int,
+    config: ClientConfig,
+    generator: torch.Generator,
+) -> dict[str, float]:
+    """Stage 1: cross-entropy of softmax(s <f_v(x), t_c>) over the base classes."""
+    optimizer = torch.optim.Adam(params, lr=config.lr)
+    T = class_embeddings.to(next(backbone.parameters()).device)
+    rows = []
+    for _ in range(epochs):
+        for idx in minibatches(len(data), config.batch_size, generator):
+            z = F.normalize(image_features(backbone, data.features[idx]), dim=-1)
+            logits = class_logits(z, T, backbone.logit_scale)
+            labels = data.labels[idx].to(logits.device)
+            loss = F.cross_entropy(logits, labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            rows.append({"loss": loss.item(), "train_acc": (logits.argmax(-1) == labels).float().mean().item()})
+    return _mean_metrics(rows)
+
+
+@torch.no_grad()
+def _all_logits(backbone: Backbone, data: ClientData, T: torch.Tensor, batch_size: int) -> torch.Tensor:
+    z = image_embeddings(backbone, data.features, batch_size)
+    return class_logits(z, T.cpu(), backbone.logit_scale)
+
+
+def rl_epochs(
+    backbone: Backbone,
+    data: ClientData,
+    task: ClientTask,
+    params: list[torch.nn.Parameter],
+    epochs: int,
+    config: ClientConfig,
+    grpo: GRPOConfig,
+    generator: torch.Generator,
+) -> dict[str, float]:
+    """Stage 2: the GRPO-style objective with a clipped ratio and a k3 KL to the hybrid reference.
+
+    pi_old is the policy at the start of the local round (the received global model), so the ratio
+    and its clip act across the local epochs. The reference mixes the end-of-SFT model's and the
+    latest global model's output distributions.
+    """
+    T = task.class_embeddings
+    device = next(backbone.parameters()).device
+    # The received global LoRA is loaded: it is both pi_old and the "latest global" half of the reference.
+    global_logits = _all_logits(backbone, data, T, config.batch_size)
+    old_logprobs = torch.log_softmax(global_logits, dim=-1)
+    if task.sft_reference_lora is not None and grpo.ref_mix > 0:
+        backbone.load_image_lora(task.sft_reference_lora)
+        sft_logits = _all_logits(backbone, data, T, config.batch_size)
+        backbone.load_image_lora(task.image_lora)
+    else:
+        sft_logits = global_logits
+    ref_logprobs = hybrid_reference_logprobs(sft_logits, global_logits, grpo.ref_mix)
+
+    optimizer = torch.optim.Adam(params, lr=config.lr)
+    T = T.to(device)
+    rows = []
+    for _ in range(epochs):
+        for idx in minibatches(len(data), config.batch_size, generator):
+            u = image_features(backbone, data.features[idx])
+            actions = sample_actions(u.detach(), T, backbone.logit_scale, grpo, generator)
+            logits = class_logits(F.normalize(u, dim=-1), T, backbone.logit_scale)
+            loss, diag = grpo_loss(
+                logits,
+                old_logprobs[idx].to(device),
+                ref_logprobs[idx].to(device),
+                actions,
+                data.labels[idx].to(device),
+                grpo,
+            )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            rows.append({"loss": loss.item(), **vars(diag)})
+    return _mean_metrics(rows)
+
+
+def capped_upload_index(labels: torch.Tensor, cap: int | None, generator: torch.Generator) -> torch.Tensor:
+    """Indices of at most ``cap`` images per class (seeded), sorted; all of them if cap is None."""
+    if cap is None:
+        return torch.arange(len(labels))
+    by_class: dict[int, list[int]] = defaultdict(list)
+    for i in torch.randperm(len(labels), generator=generator).tolist():
+        by_class[int(labels[i])].append(i)
+    keep = [i for idxs in by_class.values() for i in idxs[:cap]]
+    return torch.tensor(sorted(keep), dtype=torch.long)
+
+
+def client_step(
+    backbone: Backbone,
+    data: ClientData,
+    task: ClientTask,
+    config: ClientConfig,
+    grpo: GRPOConfig,
+    seed: int,
+) -> ClientUpdate:
+    """One local round of FedDTL on one client; returns what the client uploads."""
+    if len(data) == 0:
+        raise ValueError(f"client {data.client_id} has no training images")
+    generator = torch.Generator().manual_seed(seed)
+    backbone.load_image_lora(task.image_lora)
+    params = backbone.image_lora_parameters()
+    if task.stage == "sft":
+        metrics = sft_epochs(backbone, data, task.class_embeddings, params, config.sft_epochs, config, generator)
+    else:
+        metrics = rl_epochs(backbone, data, task, params, config.rl_epochs, config, grpo, generator)
+    index = capped_upload_index(data.labels, config.upload_cap_per_class, generator)
+    embeddings = image_embeddings(backbone, data.features, config.batch_size, index)
+    return ClientUpdate(
+        client_id=data.client_id,
+        num_samples=len(data),
+        image_lora=backbone.image_lora_state(),
+        embeddings=embeddings,
+        labels=data.labels[index].clone(),
+        metrics=metrics,
+    )

@@ -1,0 +1,76 @@
+"""The server step of FedDTL (DESIGN.md, "One round", step 3).
+
+The server averages the clients' image LoRA by sample count, then trains its own text-encoder LoRA
+with cross-entropy on the image embeddings the clients uploaded: the text side moves toward the
+union of all clients' visual evidence instead of being pulled by each client alone. It then
+recomputes the class text embeddings for the next round.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from feddtl.algorithm.aggregation import weighted_average
+from feddtl.algorithm.client import minibatches
+from feddtl.algorithm.encoding import text_embeddings
+from feddtl.algorithm.grpo import class_logits
+from feddtl.algorithm.messages import ClientUpdate
+from feddtl.algorithm.server_config import ServerConfig
+from feddtl.backbones.base import Backbone, TextFeatures
+
+
+def aggregate_image_lora(updates: Sequence[ClientUpdate]) -> dict[str, torch.Tensor]:
+    """Delta W_v^t = sum_k (n_k / n) Delta W_v^k."""
+    return weighted_average([u.image_lora for u in updates], [u.num_samples for u in updates])
+
+
+def pooled_embeddings(updates: Sequence[ClientUpdate]) -> tuple[torch.Tensor, torch.Tensor]:
+    """All uploaded (embedding, label) pairs of a round, concatenated."""
+    return torch.cat([u.embeddings for u in updates]), torch.cat([u.labels for u in updates])
+
+
+@torch.no_grad()
+def text_alignment_loss(
+    backbone: Backbone, text_features: TextFeatures, embeddings: torch.Tensor, labels: torch.Tensor
+) -> float:
+    """Cross-entropy of the uploaded embeddings against the current class text embeddings."""
+    T = text_embeddings(backbone, text_features)
+    logits = class_logits(embeddings.to(T.device), T, backbone.logit_scale)
+    return F.cross_entropy(logits, labels.to(T.device)).item()
+
+
+def text_alignment_step(
+    backbone: Backbone,
+    text_features: TextFeatures,
+    embeddings: torch.Tensor,
+    labels: torch.Tensor,
+    optimizer: torch.optim.Optimizer,
+    config: ServerConfig,
+    generator: torch.Generator,
+) -> dict[str, float]:
+    """Train the text LoRA: logits = s <z_i, t_c(theta_text)> over the base classes, cross-entropy.
+
+    ``text_features`` are the cached text-trunk outputs of the base-class prompts; the optimizer
+    holds the text LoRA parameters and keeps its state across rounds.
+    """
+    before = text_alignment_loss(backbone, text_features, embeddings, labels)
+    device = next(backbone.parameters()).device
+    for _ in range(config.text_epochs):
+        for idx in minibatches(len(labels), config.text_batch_size, generator):
+            T = text_embeddings(backbone, text_features)
+            logits = class_logits(embeddings[idx].to(device), T, backbone.logit_scale)
+            loss = F.cross_entropy(logits, labels[idx].to(device))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+    after = text_alignment_loss(backbone, text_features, embeddings, labels)
+    return {"text_loss_before": before, "text_loss_after": after, "uploaded_embeddings": float(len(labels))}
+
+
+@torch.no_grad()
+def class_embeddings(backbone: Backbone, text_features: TextFeatures) -> torch.Tensor:
+    """T = [t_1 ... t_C] from the server's text encoder (with its LoRA), on the CPU."""
+    return text_embeddings(backbone, text_features).cpu()

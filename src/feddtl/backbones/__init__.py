@@ -1,0 +1,29 @@
+"""Dual-encoder backbones behind one interface (see base.Backbone)."""
+
+from __future__ import annotations
+
+from feddtl.backbones.base import Backbone, BackboneInfo, TextFeatures
+
+__all__ = ["Backbone", "BackboneInfo", "TextFeatures", "build_backbone"]
+
+
+def build_backbone(spec: str, image_size: int, options: "BackboneConfig") -> Backbone:  # noqa: F821
+    """Build a backbone from its config name: "lite" or "hf-clip:<hub id or local path>"."""
+    if spec == "lite":
+        from feddtl.backbones.lite import LiteBackbone
+
+        return LiteBackbone(
+            image_size=image_size,
+            bridge_top_k=options.bridge_top_k,
+            bridge_temperature=options.bridge_temperature,
+            template=options.template,
+            logit_scale=100.0 if options.logit_scale is None else options.logit_scale,
+        )
+    if spec.startswith("hf-clip:"):
+        from feddtl.backbones.hf_clip import HFClipBackbone
+
+        backbone = HFClipBackbone(spec[len("hf-clip:") :], image_size=image_size)
+        if options.logit_scale is not None:
+            backbone.logit_scale = float(options.logit_scale)
+        return backbone
+    raise ValueError(f"unknown backbone {spec!r}; allowed: lite, hf-clip:<hub id or local path>")

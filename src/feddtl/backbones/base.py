@@ -1,0 +1,139 @@
+"""The backbone interface: a dual encoder split into a frozen trunk and a LoRA-trainable tail.
+
+Every tower is ``embedding = tail(trunk(input))``. The trunk (blocks ``< l``) never trains, so its
+output can be computed once and cached; the tail (blocks ``>= l``) carries the LoRA adapters. The
+algorithm only ever calls ``image_tail`` / ``text_tail`` on trunk features, which keeps that boundary
+explicit and makes the cache a pure optimisation.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from feddtl.backbones.lora import inject_lora, load_lora_state, lora_parameters, lora_state_dict
+from feddtl.backbones.lora_config import LoraConfig
+
+TextFeatures = dict[str, torch.Tensor]
+"""Trunk output of the text tower for a batch of prompts: tensors whose first dimension is the prompt."""
+
+
+@dataclass(frozen=True)
+class BackboneInfo:
+    """Static facts about a backbone, used for validation and reporting."""
+
+    name: str
+    embed_dim: int
+    image_size: int
+    num_image_blocks: int
+    num_text_blocks: int
+    default_image_start_block: int
+    default_text_start_block: int
+
+
+class Backbone(nn.Module, abc.ABC):
+    """A CLIP-style dual encoder with an explicit trunk/tail split per tower.
+
+    Subclasses build their modules in ``__init__`` and set ``self.info``, ``self.image_mean``,
+    ``self.image_std`` (per-channel normalisation applied by the data pipeline) and
+    ``self.logit_scale`` (CLIP's 1/τ).
+    """
+
+    info: BackboneInfo
+    image_mean: tuple[float, float, float]
+    image_std: tuple[float, float, float]
+    logit_scale: float
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.image_start_block: int = 0
+        self.text_start_block: int = 0
+
+    # ----- image tower -------------------------------------------------------------------------
+    @abc.abstractmethod
+    def image_trunk(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Frozen part of the image tower: normalised pixels (B, 3, H, W) -> trunk features (B, ...)."""
+
+    @abc.abstractmethod
+    def image_tail(self, feats: torch.Tensor) -> torch.Tensor:
+        """Trainable part of the image tower: trunk features -> unnormalised embedding (B, D)."""
+
+    # ----- text tower --------------------------------------------------------------------------
+    @abc.abstractmethod
+    def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        """Tokenise prompts into the tensors ``text_trunk`` takes."""
+
+    @abc.abstractmethod
+    def text_trunk(self, tokens: dict[str, torch.Tensor]) -> TextFeatures:
+        """Frozen part of the text tower: tokens -> trunk features (hidden states plus masks)."""
+
+    @abc.abstractmethod
+    def text_tail(self, feats: TextFeatures) -> torch.Tensor:
+        """Trainable part of the text tower: trunk features -> unnormalised embedding (P, D)."""
+
+    # ----- LoRA --------------------------------------------------------------------------------
+    @abc.abstractmethod
+    def lora_targets(self, image_start: int, text_start: int) -> tuple[list[str], list[str]]:
+        """Full module names LoRA wraps in the image tail and the text tail."""
+
+    def set_split(self, image_start: int | None, text_start: int | None) -> None:
+        """Choose the trunk/tail boundary ``l`` of each tower (None: the backbone's default)."""
+        info = self.info
+        self.image_start_block = (
+            info.default_image_start_block if image_start is None else int(image_start)
+        )
+        self.text_start_block = info.default_text_start_block if text_start is None else int(text_start)
+        if not 0 <= self.image_start_block < info.num_image_blocks:
+            raise ValueError(
+                f"lora.image_start_block={self.image_start_block} is out of range for backbone "
+                f"{info.name!r}: allowed 0..{info.num_image_blocks - 1}"
+            )
+        if not 0 <= self.text_start_block < info.num_text_blocks:
+            raise ValueError(
+                f"lora.text_start_block={self.text_start_block} is out of range for backbone "
+                f"{info.name!r}: allowed 0..{info.num_text_blocks - 1}"
+            )
+
+    def add_lora(self, config: LoraConfig) -> None:
+        """Freeze every weight, then wrap the tail modules of both towers with LoRA adapters."""
+        self.set_split(config.image_start_block, config.text_start_block)
+        for p in self.parameters():
+            p.requires_grad_(False)
+        image_targets, text_targets = self.lora_targets(self.image_start_block, self.text_start_block)
+        inject_lora(self, image_targets + text_targets, config)
+        self._image_lora_prefixes = tuple(image_targets)
+        self._text_lora_prefixes = tuple(text_targets)
+        self.eval()  # BatchNorm statistics and dropout stay as pretrained: only LoRA trains
+
+    def image_lora_state(self) -> dict[str, torch.Tensor]:
+        """Current image-tower LoRA weights (detached copies), keyed by parameter name."""
+        return lora_state_dict(self, self._image_lora_prefixes)
+
+    def text_lora_state(self) -> dict[str, torch.Tensor]:
+        """Current text-tower LoRA weights (detached copies), keyed by parameter name."""
+        return lora_state_dict(self, self._text_lora_prefixes)
+
+    def load_image_lora(self, state: dict[str, torch.Tensor]) -> None:
+        """Set the image-tower LoRA weights (keys and shapes must match exactly)."""
+        load_lora_state(self, self._image_lora_prefixes, state)
+
+    def load_text_lora(self, state: dict[str, torch.Tensor]) -> None:
+        """Set the text-tower LoRA weights (keys and shapes must match exactly)."""
+        load_lora_state(self, self._text_lora_prefixes, state)
+
+    def image_lora_parameters(self) -> list[nn.Parameter]:
+        return list(lora_parameters(self, self._image_lora_prefixes).values())
+
+    def text_lora_parameters(self) -> list[nn.Parameter]:
+        return list(lora_parameters(self, self._text_lora_prefixes).values())
+
+    def parameter_bytes(self) -> int:
+        """Bytes of all backbone weights (frozen and LoRA), for communication ratios."""
+        return sum(p.numel() * p.element_size() for p in self.parameters())
+
+    def train(self, mode: bool = True) -> "Backbone":
+        # Frozen towers always run in eval mode (BatchNorm running stats, no dropout).
+        return super().train(False)

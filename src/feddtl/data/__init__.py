@@ -1,0 +1,40 @@
+"""Datasets, image transforms and federated partitions."""
+
+from .data_config import DataConfig
+from .datasets import (
+    DATASETS,
+    DatasetError,
+    DatasetSplits,
+    ImageDataset,
+    available_datasets,
+    load_dataset,
+    read_idx,
+)
+from .partition import (
+    PARTITION_SCHEMES,
+    cap_per_class,
+    few_shot,
+    partition,
+    split_base_novel,
+    stratified_split,
+)
+from .transforms import dataset_to_tensor, images_to_tensor
+
+__all__ = [
+    "DATASETS",
+    "PARTITION_SCHEMES",
+    "DataConfig",
+    "DatasetError",
+    "DatasetSplits",
+    "ImageDataset",
+    "available_datasets",
+    "cap_per_class",
+    "dataset_to_tensor",
+    "few_shot",
+    "images_to_tensor",
+    "load_dataset",
+    "partition",
+    "read_idx",
+    "split_base_novel",
+    "stratified_split",
+]

@@ -1,0 +1,49 @@
+"""Configuration of the datasets: where they live, image size, held-out fractions."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class DataConfig:
+    """Where the image data come from and how they are prepared for the encoders."""
+
+    fashion_mnist_dir: str = "/usr/share/datasets/fashion-mnist"
+    """Folder holding the four Fashion-MNIST idx.gz files (train/t10k images and labels).
+    The Debian package `dataset-fashion-mnist` installs them here."""
+    image_size: int = 96
+    """Images are resized (PIL bilinear) to image_size x image_size before the image encoder."""
+    invert: bool = False
+    """Invert grey levels (dark strokes on a white background, closer to photos); an option for
+    zero-shot experiments on MNIST-like data."""
+    test_fraction: float = 0.2
+    """Held-out fraction for datasets without an official test split (stratified per class, seeded).
+    Must be in (0, 1)."""
+    test_per_class: int | None = None
+    """Cap on test images per class used in evaluation (None: all). The subsample is seeded and
+    applied by `load_dataset` to the returned test split."""
+
+    def validate(self) -> None:
+        """Raise ValueError naming the offending key and its allowed values."""
+        if not isinstance(self.fashion_mnist_dir, str) or not self.fashion_mnist_dir:
+            raise ValueError(
+                f"data.fashion_mnist_dir must be a non-empty path string, got {self.fashion_mnist_dir!r}"
+            )
+        # bool is an int subclass; reject it so `image_size = true` in a TOML file is caught.
+        if isinstance(self.image_size, bool) or not isinstance(self.image_size, int) or self.image_size < 1:
+            raise ValueError(f"data.image_size must be an integer >= 1, got {self.image_size!r}")
+        if not isinstance(self.invert, bool):
+            raise ValueError(f"data.invert must be true or false, got {self.invert!r}")
+        if isinstance(self.test_fraction, bool) or not isinstance(self.test_fraction, (int, float)) or not (
+            0.0 < self.test_fraction < 1.0
+        ):
+            raise ValueError(f"data.test_fraction must be a number in (0, 1), got {self.test_fraction!r}")
+        if self.test_per_class is not None and (
+            isinstance(self.test_per_class, bool)
+            or not isinstance(self.test_per_class, int)
+            or self.test_per_class < 1
+        ):
+            raise ValueError(
+                f"data.test_per_class must be an integer >= 1 or None (all), got {self.test_per_class!r}"
+            )

@@ -1,0 +1,77 @@
+"""Base-to-novel evaluation (DESIGN.md, "Evaluation protocol").
+
+Base: test images of base classes, classified among base classes. Novel: test images of novel
+classes among novel classes, with text embeddings from the trained server text encoder.
+Local: for each client, test images of the classes in its training data, classified among those
+classes; averaged over clients. HM = 2 B N / (B + N).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from feddtl.algorithm.encoding import TrunkFeatures, image_embeddings
+from feddtl.backbones.base import Backbone
+
+
+@dataclass
+class EvalSet:
+    """Cached trunk features of the test images, split by base / novel classes."""
+
+    base_features: TrunkFeatures
+    base_labels: torch.Tensor
+    """(N_b,) base-class indices."""
+    novel_features: TrunkFeatures
+    novel_labels: torch.Tensor
+    """(N_n,) novel-class indices."""
+    client_classes: list[list[int]]
+    """Base-class indices present in each client's training data."""
+
+
+def harmonic_mean(base: float, novel: float) -> float:
+    return 0.0 if base + novel <= 0 else 2 * base * novel / (base + novel)
+
+
+def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    return 100.0 * (logits.argmax(-1) == labels).float().mean().item() if len(labels) else float("nan")
+
+
+def local_accuracy(base_logits: torch.Tensor, labels: torch.Tensor, client_classes: Sequence[Sequence[int]]) -> list[float]:
+    """Per client: accuracy on its classes' test images, classified among its own classes."""
+    out = []
+    for classes in client_classes:
+        cls = torch.tensor(sorted(classes), dtype=torch.long)
+        mask = torch.isin(labels, cls)
+        if not mask.any():
+            out.append(float("nan"))
+            continue
+        sub = base_logits[mask][:, cls]
+        # map labels to positions within the client's class list
+        pos = torch.searchsorted(cls, labels[mask])
+        out.append(accuracy(sub, pos))
+    return out
+
+
+@torch.no_grad()
+def evaluate(
+    backbone: Backbone, eval_set: EvalSet, base_T: torch.Tensor, novel_T: torch.Tensor, batch_size: int
+) -> dict[str, float | list[float]]:
+    """Base / Novel / Local accuracy and HM (percent) of the model loaded in ``backbone``."""
+    zb = image_embeddings(backbone, eval_set.base_features, batch_size)
+    zn = image_embeddings(backbone, eval_set.novel_features, batch_size)
+    base_logits = zb @ base_T.T
+    novel_logits = zn @ novel_T.T
+    base_acc = accuracy(base_logits, eval_set.base_labels)
+    novel_acc = accuracy(novel_logits, eval_set.novel_labels)
+    per_client = local_accuracy(base_logits, eval_set.base_labels, eval_set.client_classes)
+    valid = [a for a in per_client if a == a]
+    return {
+        "base_acc": base_acc,
+        "novel_acc": novel_acc,
+        "hm": harmonic_mean(base_acc, novel_acc),
+        "local_acc": sum(valid) / len(valid) if valid else float("nan"),
+        "local_acc_per_client": per_client,
+    }

@@ -1,0 +1,203 @@
+"""Build a federation from a config: backbone, base/novel split, client partitions, cached trunks.
+
+Shared by the in-process simulator and the Flower app, so both see the same clients for a seed.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from feddtl.algorithm.client import ClientData
+from feddtl.backbones import Backbone, TextFeatures, build_backbone
+from feddtl.config import ConfigError, ExperimentConfig
+from feddtl.data import DatasetSplits, ImageDataset, cap_per_class, dataset_to_tensor, few_shot, load_dataset
+from feddtl.data import partition as partition_indices
+from feddtl.data import split_base_novel
+from feddtl.evaluation import EvalSet
+
+log = logging.getLogger(__name__)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device='cuda' but torch sees no CUDA device; use device='cpu' or 'auto'")
+    return torch.device(name)
+
+
+def make_backbone(config: ExperimentConfig) -> Backbone:
+    """The configured backbone with LoRA on both tails, on the configured device."""
+    torch.manual_seed(config.seed)
+    backbone = build_backbone(config.backbone, config.data.image_size, config.backbone_options)
+    backbone.add_lora(config.lora)
+    return backbone.to(resolve_device(config.device))
+
+
+@torch.no_grad()
+def trunk_features(
+    backbone: Backbone, dataset: ImageDataset, indices: np.ndarray, config: ExperimentConfig
+) -> torch.Tensor:
+    """The frozen image trunk's output for ``dataset[indices]``, computed once (CPU, float32)."""
+    device = next(backbone.parameters()).device
+    chunks = [
+        backbone.image_trunk(batch.to(device)).cpu()
+        for batch in dataset_to_tensor(
+            dataset,
+            indices,
+            config.data.image_size,
+            backbone.image_mean,
+            backbone.image_std,
+            invert=config.data.invert,
+            batch_size=config.eval.batch_size,
+        )
+    ]
+    if not chunks:
+        raise ValueError("no images to encode")
+    return torch.cat(chunks)
+
+
+@torch.no_grad()
+def prompt_features(backbone: Backbone, classnames: list[str], template: str) -> TextFeatures:
+    """Cached text-trunk features of "a photo of a {class}." for each class."""
+    device = next(backbone.parameters()).device
+    tokens = backbone.tokenize([template.format(c) for c in classnames])
+    return {k: v.cpu() for k, v in backbone.text_trunk({k: v.to(device) for k, v in tokens.items()}).items()}
+
+
+@dataclass
+class ClassSplit:
+    """Base (trained) and novel (held-out) classes of the dataset, by original label."""
+
+    base: list[int]
+    novel: list[int]
+    classnames: list[str]
+
+    @property
+    def base_names(self) -> list[str]:
+        return [self.classnames[c] for c in self.base]
+
+    @property
+    def novel_names(self) -> list[str]:
+        return [self.classnames[c] for c in self.novel]
+
+
+def class_split(config: ExperimentConfig, splits: DatasetSplits) -> ClassSplit:
+    names = splits.train.classnames
+    base, novel = split_base_novel(len(names), mode=config.base_novel, seed=config.seed)
+    return ClassSplit(base=list(base), novel=list(novel), classnames=list(names))
+
+
+def client_indices(config: ExperimentConfig, splits: DatasetSplits, classes: ClassSplit) -> list[np.ndarray]:
+    """Training-image indices of each client: base classes only, partitioned, then few-shot or capped."""
+    labels = splits.train.labels
+    pool = np.flatnonzero(np.isin(labels, classes.base))
+    if config.partition == "pathological":
+        if config.num_clients > len(classes.base):
+            raise ConfigError(
+                f"num_clients={config.num_clients} is more than the {len(classes.base)} base classes: "
+                "not allowed with partition='pathological'"
+            )
+        if config.classes_per_client > len(classes.base):
+            raise ConfigError(
+                f"classes_per_client={config.classes_per_client} exceeds the {len(classes.base)} base classes"
+            )
+    parts = partition_indices(
+        labels[pool],
+        config.num_clients,
+        config.partition,
+        seed=config.seed,
+        alpha=config.alpha,
+        classes_per_client=config.classes_per_client,
+    )
+    out = []
+    for k, part in enumerate(parts):
+        idx = pool[part]
+        if config.shots is not None:
+            idx = few_shot(labels, idx, config.shots, seed=config.seed + 1000 + k)
+        elif config.max_train_per_client is not None and len(idx) > config.max_train_per_client:
+            rng = np.random.default_rng(config.seed + 2000 + k)
+            idx = np.sort(rng.choice(idx, config.max_train_per_client, replace=False))
+        if len(idx) == 0:
+            raise ConfigError(
+                f"client {k} has no training images (partition={config.partition!r}, alpha={config.alpha}); "
+                "use fewer clients, a larger alpha, or another partition"
+            )
+        out.append(idx)
+    return out
+
+
+def to_base_index(labels: np.ndarray, classes: list[int]) -> torch.Tensor:
+    lookup = {c: i for i, c in enumerate(classes)}
+    return torch.tensor([lookup[int(y)] for y in labels], dtype=torch.long)
+
+
+def build_client_data(
+    backbone: Backbone, config: ExperimentConfig, splits: DatasetSplits, classes: ClassSplit, client_id: int,
+    indices: np.ndarray,
+) -> ClientData:
+    """One client's data with its trunk features cached (each client only ever encodes its own images)."""
+    labels = splits.train.labels[indices]
+    return ClientData(
+        client_id=client_id,
+        features=trunk_features(backbone, splits.train, indices, config),
+        labels=to_base_index(labels, classes.base),
+    )
+
+
+def build_eval_set(
+    backbone: Backbone, config: ExperimentConfig, splits: DatasetSplits, classes: ClassSplit,
+    client_classes: list[list[int]],
+) -> EvalSet:
+    labels = splits.test.labels
+    sets = []
+    for group in (classes.base, classes.novel):
+        idx = np.flatnonzero(np.isin(labels, group))
+        if config.data.test_per_class is not None:
+            idx = cap_per_class(labels, idx, config.data.test_per_class, seed=config.seed + 3000)
+        sets.append((trunk_features(backbone, splits.test, idx, config), to_base_index(labels[idx], group)))
+    (bf, bl), (nf, nl) = sets
+    return EvalSet(base_features=bf, base_labels=bl, novel_features=nf, novel_labels=nl, client_classes=client_classes)
+
+
+@dataclass
+class Federation:
+    """Everything a run needs, built once."""
+
+    config: ExperimentConfig
+    backbone: Backbone
+    classes: ClassSplit
+    clients: list[ClientData]
+    eval_set: EvalSet
+    base_text: TextFeatures
+    novel_text: TextFeatures
+
+
+def build_federation(config: ExperimentConfig, log_fn=print) -> Federation:
+    """Load data, split classes, partition clients, build the backbone and cache trunk features."""
+    splits = load_dataset(config.dataset, config.data, seed=config.seed)
+    classes = class_split(config, splits)
+    parts = client_indices(config, splits, classes)
+    backbone = make_backbone(config)
+    log_fn(
+        f"{config.dataset}: {len(classes.base)} base classes {classes.base_names}, "
+        f"{len(classes.novel)} novel {classes.novel_names}; clients hold "
+        f"{[len(p) for p in parts]} training images"
+    )
+    clients = [build_client_data(backbone, config, splits, classes, k, idx) for k, idx in enumerate(parts)]
+    client_classes = [sorted(set(c.labels.tolist())) for c in clients]
+    eval_set = build_eval_set(backbone, config, splits, classes, client_classes)
+    template = config.backbone_options.template
+    return Federation(
+        config=config,
+        backbone=backbone,
+        classes=classes,
+        clients=clients,
+        eval_set=eval_set,
+        base_text=prompt_features(backbone, classes.base_names, template),
+        novel_text=prompt_features(backbone, classes.novel_names, template),
+    )

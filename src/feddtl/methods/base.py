@@ -1,0 +1,66 @@
+"""What a federated method is: the server side (state, tasks, aggregation) and a client step.
+
+The in-process simulator and the Flower app drive any method through this interface, so a method
+is one file plus one registry entry.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from feddtl.algorithm.client import ClientData
+from feddtl.algorithm.messages import ClientTask, ClientUpdate
+from feddtl.backbones.base import Backbone, TextFeatures
+from feddtl.config import ExperimentConfig
+
+
+@dataclass
+class ServerContext:
+    """What a method's server side gets: the backbone and the class prompts' text-trunk features."""
+
+    backbone: Backbone
+    config: ExperimentConfig
+    base_text: TextFeatures
+    """Cached text-trunk features of the base-class prompts."""
+    novel_text: TextFeatures
+    """Cached text-trunk features of the novel-class prompts."""
+
+
+class Method(abc.ABC):
+    """Server-side state of one method; ``client_step`` is the code that runs on each client."""
+
+    name: str = ""
+    trains: bool = True
+    """False for methods evaluated as shipped (zero-shot): no rounds run."""
+
+    def __init__(self, ctx: ServerContext) -> None:
+        self.ctx = ctx
+        self.backbone = ctx.backbone
+        self.config = ctx.config
+
+    @abc.abstractmethod
+    def make_task(self, round_num: int) -> ClientTask:
+        """What the server sends to every selected client at the start of round ``round_num``."""
+
+    @staticmethod
+    @abc.abstractmethod
+    def client_step(
+        backbone: Backbone, data: ClientData, task: ClientTask, config: ExperimentConfig, seed: int
+    ) -> ClientUpdate:
+        """One local round on one client. Static: it must not touch server state (it runs remotely on Flower)."""
+
+    @abc.abstractmethod
+    def server_update(self, updates: Sequence[ClientUpdate], round_num: int) -> dict[str, float]:
+        """Aggregate a round's updates into the global state; returns server metrics."""
+
+    @abc.abstractmethod
+    def prepare_eval(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Load the global model into the backbone; return (base, novel) class text embeddings."""
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Global tensors worth saving (final weights, checkpoints)."""
+        return {}

@@ -1,0 +1,77 @@
+"""FedDTL: decoupled training (image LoRA on clients, text LoRA on the server) with SFT -> GRPO."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from feddtl.algorithm.client import ClientData, client_step
+from feddtl.algorithm.messages import ClientTask, ClientUpdate
+from feddtl.algorithm.server import aggregate_image_lora, class_embeddings, pooled_embeddings, text_alignment_step
+from feddtl.backbones.base import Backbone
+from feddtl.config import ExperimentConfig
+from feddtl.methods.base import Method, ServerContext
+
+
+class FedDTL(Method):
+    name = "feddtl"
+    decoupled = True
+    """Train the text LoRA on the server from uploaded embeddings (False: the text side stays as shipped)."""
+
+    def __init__(self, ctx: ServerContext) -> None:
+        super().__init__(ctx)
+        self.image_lora = self.backbone.image_lora_state()
+        # M = 0 means RL from the start: the "end of SFT" reference is then the initial model.
+        self.sft_reference = self.image_lora if self.config.switch_round == 0 else None
+        self.text_optimizer = torch.optim.Adam(self.backbone.text_lora_parameters(), lr=self.config.server.text_lr)
+        self.generator = torch.Generator().manual_seed(self.config.seed + 7919)
+        self.base_T = class_embeddings(self.backbone, ctx.base_text)
+
+    def stage(self, round_num: int) -> str:
+        return "sft" if round_num <= self.config.switch_round else "rl"
+
+    def make_task(self, round_num: int) -> ClientTask:
+        stage = self.stage(round_num)
+        return ClientTask(
+            round=round_num,
+            stage=stage,  # type: ignore[arg-type]
+            image_lora=self.image_lora,
+            class_embeddings=self.base_T,
+            sft_reference_lora=self.sft_reference if stage == "rl" else None,
+        )
+
+    @staticmethod
+    def client_step(
+        backbone: Backbone, data: ClientData, task: ClientTask, config: ExperimentConfig, seed: int
+    ) -> ClientUpdate:
+        return client_step(backbone, data, task, config.client, config.grpo, seed)
+
+    def server_update(self, updates: Sequence[ClientUpdate], round_num: int) -> dict[str, float]:
+        self.image_lora = aggregate_image_lora(updates)
+        if round_num == self.config.switch_round:
+            self.sft_reference = self.image_lora
+        metrics: dict[str, float] = {}
+        if self.decoupled:
+            embeddings, labels = pooled_embeddings(updates)
+            metrics = text_alignment_step(
+                self.backbone,
+                self.ctx.base_text,
+                embeddings,
+                labels,
+                self.text_optimizer,
+                self.config.server,
+                self.generator,
+            )
+            self.base_T = class_embeddings(self.backbone, self.ctx.base_text)
+        return metrics
+
+    def prepare_eval(self) -> tuple[torch.Tensor, torch.Tensor]:
+        self.backbone.load_image_lora(self.image_lora)
+        return self.base_T, class_embeddings(self.backbone, self.ctx.novel_text)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {
+            **{f"image.{k}": v for k, v in self.image_lora.items()},
+            **{f"text.{k}": v for k, v in self.backbone.text_lora_state().items()},
+        }
