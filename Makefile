@@ -27,7 +27,9 @@ $(STAMP): pyproject.toml
 install: $(STAMP) data
 
 demo: install
-	$(BIN)/feddtl run --config demo --out runs/demo --compare zeroshot
+	$(BIN)/feddtl run --config demo --set method=zeroshot --out runs/demo/zeroshot --quiet
+	$(BIN)/feddtl run --config demo --out runs/demo/feddtl
+	$(BIN)/feddtl report runs/demo/zeroshot runs/demo/feddtl
 
 test: install
 	$(BIN)/python -m pytest -q

@@ -138,7 +138,7 @@ def to_base_index(labels: np.ndarray, classes: list[int]) -> torch.Tensor:
 
 def build_client_data(
     backbone: Backbone, config: ExperimentConfig, splits: DatasetSplits, classes: ClassSplit, client_id: int,
-    indices: np.ndarray,
+    indices: np.ndarray, base_text: TextFeatures | None = None,
 ) -> ClientData:
     """One client's data with its trunk features cached (each client only ever encodes its own images)."""
     labels = splits.train.labels[indices]
@@ -146,6 +146,7 @@ def build_client_data(
         client_id=client_id,
         features=trunk_features(backbone, splits.train, indices, config),
         labels=to_base_index(labels, classes.base),
+        base_text=base_text,
     )
 
 
@@ -188,16 +189,19 @@ def build_federation(config: ExperimentConfig, log_fn=print) -> Federation:
         f"{len(classes.novel)} novel {classes.novel_names}; clients hold "
         f"{[len(p) for p in parts]} training images"
     )
-    clients = [build_client_data(backbone, config, splits, classes, k, idx) for k, idx in enumerate(parts)]
+    template = config.backbone_options.template
+    base_text = prompt_features(backbone, classes.base_names, template)
+    clients = [
+        build_client_data(backbone, config, splits, classes, k, idx, base_text) for k, idx in enumerate(parts)
+    ]
     client_classes = [sorted(set(c.labels.tolist())) for c in clients]
     eval_set = build_eval_set(backbone, config, splits, classes, client_classes)
-    template = config.backbone_options.template
     return Federation(
         config=config,
         backbone=backbone,
         classes=classes,
         clients=clients,
         eval_set=eval_set,
-        base_text=prompt_features(backbone, classes.base_names, template),
+        base_text=base_text,
         novel_text=prompt_features(backbone, classes.novel_names, template),
     )

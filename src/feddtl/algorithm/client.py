@@ -20,7 +20,7 @@ from feddtl.algorithm.encoding import TrunkFeatures, image_embeddings, image_fea
 from feddtl.algorithm.grpo import class_logits, grpo_loss, hybrid_reference_logprobs, sample_actions
 from feddtl.algorithm.grpo_config import GRPOConfig
 from feddtl.algorithm.messages import ClientTask, ClientUpdate
-from feddtl.backbones.base import Backbone
+from feddtl.backbones.base import Backbone, TextFeatures
 
 
 @dataclass
@@ -31,6 +31,9 @@ class ClientData:
     features: TrunkFeatures
     labels: torch.Tensor
     """(N,) int64 base-class indices."""
+    base_text: TextFeatures | None = None
+    """Text-trunk features of the base-class prompts (class names are public), for methods whose
+    clients run the text tower themselves (FedLoRA-style baselines). FedDTL clients never use it."""
 
     def __len__(self) -> int:
         return len(self.labels)

