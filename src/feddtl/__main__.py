@@ -1,0 +1,3 @@
+from feddtl.cli import main
+
+raise SystemExit(main())
