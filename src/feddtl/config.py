@@ -18,6 +18,7 @@ from feddtl.algorithm.client_config import ClientConfig
 from feddtl.algorithm.grpo_config import GRPOConfig
 from feddtl.algorithm.server_config import ServerConfig
 from feddtl.backbones.lora_config import LoraConfig
+from feddtl.cache.cache_config import CacheConfig
 from feddtl.data.data_config import DataConfig
 
 
@@ -88,6 +89,7 @@ class ExperimentConfig:
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
 
     @property
     def switch_round(self) -> int:
@@ -135,7 +137,7 @@ class ExperimentConfig:
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
-        for section in (self.data, self.lora, self.client, self.grpo, self.server):
+        for section in (self.data, self.lora, self.client, self.grpo, self.server, self.cache):
             try:
                 section.validate()
             except ValueError as exc:

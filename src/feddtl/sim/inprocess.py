@@ -6,8 +6,6 @@ equivalent to separate processes (the Flower engine runs the same functions acro
 
 from __future__ import annotations
 
-import platform
-import resource
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -18,7 +16,7 @@ import torch
 from tqdm import tqdm
 
 import feddtl
-from feddtl.algorithm.messages import ClientTask, ClientUpdate
+from feddtl.algorithm.messages import ClientUpdate
 from feddtl.config import ExperimentConfig
 from feddtl.evaluation import evaluate
 from feddtl.federation import Federation, build_federation
@@ -26,6 +24,17 @@ from feddtl.methods import get_method
 from feddtl.methods.base import Method, ServerContext
 from feddtl.reporting.plots import plot_run
 from feddtl.rundir import RunDir
+from feddtl.sim.accounting import (
+    MemoryMeter,
+    communication_summary,
+    current_rss_mb,
+    peak_rss_mb,
+    phase_summary,
+    round_communication,
+    tensor_bytes,
+)
+
+__all__ = ["peak_rss_mb", "run_experiment", "run_rounds", "tensor_bytes"]
 
 
 def client_seed(seed: int, round_num: int, client_id: int) -> int:
@@ -40,22 +49,6 @@ def select_clients(config: ExperimentConfig, round_num: int) -> list[int]:
         return list(range(k))
     rng = np.random.default_rng([config.seed, round_num, 17])
     return sorted(rng.choice(k, size=m, replace=False).tolist())
-
-
-def tensor_bytes(obj: Any) -> int:
-    """Bytes of the tensors inside a message (what a wire format would carry, headers aside)."""
-    if isinstance(obj, torch.Tensor):
-        return obj.numel() * obj.element_size()
-    if isinstance(obj, dict):
-        return sum(tensor_bytes(v) for v in obj.values())
-    if isinstance(obj, (ClientTask, ClientUpdate)):
-        return sum(tensor_bytes(v) for v in vars(obj).values())
-    return 0
-
-
-def peak_rss_mb() -> float:
-    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return kb / 1024.0 if platform.system() == "Linux" else kb / 1024.0 / 1024.0
 
 
 def mean_client_metrics(updates: Sequence[ClientUpdate]) -> dict[str, float]:
@@ -74,9 +67,11 @@ def run_rounds(
     run: RunDir,
     progress: bool = True,
     log_fn: Callable[[str], None] = print,
+    meter: MemoryMeter | None = None,
 ) -> list[dict[str, Any]]:
     """The federated loop; appends one metrics row per round to the run directory."""
     config = fed.config
+    meter = meter or MemoryMeter()
     rows: list[dict[str, Any]] = []
     bar = tqdm(total=config.rounds * len(select_clients(config, 1)), disable=not progress, desc="client steps",
                unit="step", leave=False)
@@ -86,28 +81,34 @@ def run_rounds(
         row["stage"] = task.stage
         selected = select_clients(config, t)
         updates: list[ClientUpdate] = []
+        meter.start_phase()
         start = time.perf_counter()
         for k in selected:
             bar.set_description(f"round {t}/{config.rounds} [{task.stage}] client {k}")
             updates.append(method.client_step(fed.backbone, fed.clients[k], task, config, client_seed(config.seed, t, k)))
             bar.update(1)
         row["time_client_s"] = time.perf_counter() - start
+        row["rss_peak_client_mb"] = meter.end_phase()
         row["clients"] = selected
-        row["bytes_down"] = tensor_bytes(task) * len(selected)
-        row["bytes_up"] = sum(tensor_bytes(u) for u in updates)
+        row.update(round_communication(task, updates))
         row.update(mean_client_metrics(updates))
+        meter.start_phase()
         start = time.perf_counter()
         row.update(method.server_update(updates, t))
         row["time_server_s"] = time.perf_counter() - start
+        row["rss_peak_server_mb"] = meter.end_phase()
         if t % config.eval.every == 0 or t == config.rounds:
+            meter.start_phase()
             start = time.perf_counter()
             row.update(evaluate_method(fed, method))
             row["time_eval_s"] = time.perf_counter() - start
+            row["rss_peak_eval_mb"] = meter.end_phase()
             log_fn(
                 f"round {t:>3}/{config.rounds} [{task.stage}] base {row['base_acc']:.2f}  novel {row['novel_acc']:.2f}  "
                 f"hm {row['hm']:.2f}  local {row['local_acc']:.2f}"
             )
-        row["peak_rss_mb"] = peak_rss_mb()
+        row["rss_mb"] = current_rss_mb()
+        row["peak_rss_mb"] = meter.run_peak()
         run.append_metrics(row)
         rows.append(row)
     bar.close()
@@ -125,15 +126,18 @@ def run_experiment(
     """Run one experiment in process and write its run directory; returns results.json's content."""
     started = time.perf_counter()
     torch.set_num_threads(max(1, torch.get_num_threads()))
+    meter = MemoryMeter()
     run = RunDir(out_dir)
     run.write_config(config)
     run.reset_metrics()
-    fed = build_federation(config, log_fn=log_fn)
+    meter.start_phase()
+    fed = build_federation(config, log_fn=log_fn, run_dir=run.path)
     setup_s = time.perf_counter() - started
+    setup_peak = meter.end_phase()
     method = build_method(fed)
     rows: list[dict[str, Any]] = []
     if method.trains:
-        rows = run_rounds(fed, method, run, progress=progress, log_fn=log_fn)
+        rows = run_rounds(fed, method, run, progress=progress, log_fn=log_fn, meter=meter)
         final = {k: rows[-1][k] for k in ("base_acc", "novel_acc", "hm", "local_acc", "local_acc_per_client")}
     else:
         final = evaluate_method(fed, method)
@@ -151,10 +155,17 @@ def run_experiment(
         "bytes_up_total": sum(r.get("bytes_up", 0) for r in rows),
         "bytes_down_total": sum(r.get("bytes_down", 0) for r in rows),
         "backbone_param_bytes": fed.backbone.parameter_bytes(),
+        **communication_summary(rows, fed.backbone.parameter_bytes()),
         "setup_s": setup_s,
+        **phase_summary(rows),
+        "rss_peak_setup_mb": setup_peak,
+        "peak_rss_mb": meter.run_peak(),
+        "cache": fed.cache.summary() if fed.cache is not None else None,
         "wall_s": time.perf_counter() - started,
         "feddtl_version": feddtl.__version__,
     }
+    if fed.cache is not None:
+        fed.cache.close()  # the disk store (if any) is per run: its files go now
     run.write_results(results)
     run.save_weights(method.state_dict())
     plot_run(run.read_metrics(), run.path, title=f"{config.method} on {config.dataset}")
