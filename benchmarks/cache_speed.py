@@ -104,14 +104,17 @@ def train_images_per_s(
 
 
 def measure(
-    backbone: Backbone, size: int, batch_size: int, quick: bool, workdir: Path
+    backbone: Backbone, size: int, batch_size: int, workdir: Path, min_time: float = 8.0, max_steps: int = 200
 ) -> dict[str, float | int]:
-    """Cached vs uncached images/s at one image size, plus the one-off trunk (cache fill) rate."""
+    """Cached vs uncached images/s at one image size, plus the one-off trunk (cache fill) rate.
+
+    Each mode runs one warm-up step, then steps until ``min_time`` seconds or ``max_steps`` have passed.
+    """
     device = next(backbone.parameters()).device
     dataset = synthetic_images(batch_size)
     indices = np.arange(batch_size)
     labels = torch.from_numpy(dataset.labels)
-    budget = dict(min_time=2.0 if quick else 8.0, max_steps=20 if quick else 200, warmup=1)
+    budget = dict(min_time=min_time, max_steps=max_steps, warmup=1)
     out: dict[str, float | int] = {}
     for mode in ("cached", "uncached"):
         cache = TrunkCache(
@@ -131,8 +134,11 @@ def measure(
     return out
 
 
-def time_demo(workdir: Path) -> dict[str, float]:
-    """Wall time of `make demo`'s three commands (installation excluded), each in a fresh process."""
+def time_demo(workdir: Path, uncached: bool = False) -> dict[str, float]:
+    """Wall time of `make demo`'s three commands (installation excluded), each in a fresh process.
+
+    ``uncached``: also time the FedDTL run again with ``cache.enabled=false`` (not part of the total).
+    """
     exe = [sys.executable, "-m", "feddtl"]
     env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0"}
     zs, fd = workdir / "demo" / "zeroshot", workdir / "demo" / "feddtl"
@@ -141,17 +147,30 @@ def time_demo(workdir: Path) -> dict[str, float]:
         ("feddtl", exe + ["run", "--config", "demo", "--out", str(fd), "--quiet"]),
         ("report", exe + ["report", str(zs), str(fd)]),
     ]
+    if uncached:
+        off = workdir / "demo" / "feddtl-uncached"
+        steps.append(
+            ("feddtl_uncached", exe + ["run", "--config", "demo", "--set", "cache.enabled=false", "--out", str(off),
+                                       "--quiet"])
+        )
     times: dict[str, float] = {}
     for name, cmd in steps:
         started = time.perf_counter()
         subprocess.run(cmd, check=True, env=env)
         times[f"demo_{name}_s"] = time.perf_counter() - started
-    times["demo_total_s"] = sum(times.values())
+    times["demo_total_s"] = sum(times[f"demo_{n}_s"] for n in ("zeroshot", "feddtl", "report"))
     results = json.loads((fd / "results.json").read_text())
     for key in ("upload_per_client_round_bytes", "upload_fraction_of_backbone", "backbone_param_bytes", "wall_s",
                 "setup_s", "time_client_s_total", "time_server_s_total", "time_eval_s_total", "peak_rss_mb"):
         times[f"feddtl_{key}"] = results[key]
     return times
+
+
+def _load() -> str:
+    try:
+        return " ".join(f"{x:.1f}" for x in os.getloadavg())
+    except OSError:
+        return "n/a"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -163,6 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=None, help="images per step (default: 64 lite, 32 vit-b16)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--demo", action="store_true", help="also time the demo preset end to end")
+    parser.add_argument("--demo-uncached", action="store_true", help="with --demo: also time its FedDTL run uncached")
+    parser.add_argument("--no-speed", action="store_true", help="skip the img/s table (e.g. only --demo)")
     parser.add_argument("--json", type=Path, default=None, help="also write the numbers to this JSON file")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -170,10 +191,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    names = [b.strip() for b in args.backbones.split(",") if b.strip()]
+    names = [] if args.no_speed else [b.strip() for b in args.backbones.split(",") if b.strip()]
     sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
     where = torch.cuda.get_device_name(0) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"feddtl trunk-cache benchmark on {where}, torch {torch.__version__}{' (quick)' if args.quick else ''}")
+    print(f"feddtl trunk-cache benchmark on {where}, torch {torch.__version__}{' (quick)' if args.quick else ''}; "
+          f"load average {_load()} (other processes on the CPUs slow these timings down)")
     header = f"{'backbone':<8} {'px':>4} {'tail':>7} {'batch':>5} {'cached img/s':>13} {'uncached img/s':>15} " \
              f"{'ratio':>7} {'fill img/s':>11}"
     rows: list[dict] = []
@@ -187,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
             tail = f"{backbone.image_start_block}-{info.num_image_blocks - 1}/{info.num_image_blocks}"
             batch = args.batch_size or (64 if name == "lite" else 32)
             for size in sizes:
-                r = measure(backbone, size, batch, args.quick, workdir)
+                r = measure(backbone, size, batch, workdir, **(dict(min_time=2.0, max_steps=20) if args.quick else {}))
                 rows.append({"backbone": name, "image_size": size, "tail_blocks": tail, "batch_size": batch, **r})
                 print(
                     f"{name:<8} {size:>4} {tail:>7} {batch:>5} {r['cached_img_s']:>13.1f} {r['uncached_img_s']:>15.1f} "
@@ -196,19 +218,22 @@ def main(argv: list[str] | None = None) -> int:
                 )
             del backbone
         print(f"(tail: LoRA blocks / image blocks; fill: the one-off trunk pass that fills the cache; "
-              f"{time.perf_counter() - started:.0f} s)")
+              f"{time.perf_counter() - started:.0f} s; load average now {_load()})")
         report: dict = {"device": where, "torch": torch.__version__, "quick": args.quick, "rows": rows}
         if args.demo:
             print("timing the demo preset (zero-shot reference + FedDTL run + report) ...", flush=True)
-            demo = time_demo(workdir)
+            demo = time_demo(workdir, uncached=args.demo_uncached)
             report["demo"] = demo
             print(
                 f"demo wall time: {demo['demo_total_s']:.0f} s end to end (zero-shot {demo['demo_zeroshot_s']:.0f} s, "
                 f"FedDTL {demo['demo_feddtl_s']:.0f} s, report {demo['demo_report_s']:.0f} s); upload per client per "
                 f"round {demo['feddtl_upload_per_client_round_bytes'] / 1024:.1f} KiB = "
                 f"{100 * demo['feddtl_upload_fraction_of_backbone']:.3f} % of the backbone's "
-                f"{demo['feddtl_backbone_param_bytes'] / 2**20:.1f} MiB"
+                f"{demo['feddtl_backbone_param_bytes'] / 2**20:.1f} MiB; load average now {_load()}"
             )
+            if args.demo_uncached:
+                print(f"FedDTL demo run with cache.enabled=false: {demo['demo_feddtl_uncached_s']:.0f} s "
+                      f"({demo['demo_feddtl_uncached_s'] / demo['demo_feddtl_s']:.1f}x the cached run)")
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
     return 0
