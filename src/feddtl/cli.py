@@ -11,6 +11,7 @@ from feddtl.config import ConfigError, available_presets, load_config
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    from feddtl.backbones.base import BackboneError
     from feddtl.data import DatasetError
     from feddtl.sim.inprocess import run_experiment
 
@@ -22,7 +23,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     log = (lambda s: None) if args.quiet else (lambda s: print(s, flush=True))
     try:
         results = run_experiment(config, args.out, progress=not args.quiet, log_fn=log)
-    except (ConfigError, DatasetError) as exc:
+    except (ConfigError, DatasetError, BackboneError) as exc:
         print(f"feddtl: {exc}", file=sys.stderr)
         return 2
     print(

@@ -17,6 +17,10 @@ from torch import nn
 from feddtl.backbones.lora import inject_lora, load_lora_state, lora_parameters, lora_state_dict
 from feddtl.backbones.lora_config import LoraConfig
 
+class BackboneError(RuntimeError):
+    """A backbone cannot be built (missing weights or packages); the message says how to fix it."""
+
+
 TextFeatures = dict[str, torch.Tensor]
 """Trunk output of the text tower for a batch of prompts: tensors whose first dimension is the prompt."""
 

