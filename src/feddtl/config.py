@@ -19,6 +19,7 @@ from feddtl.algorithm.grpo_config import GRPOConfig
 from feddtl.algorithm.server_config import ServerConfig
 from feddtl.backbones.lora_config import LoraConfig
 from feddtl.data.data_config import DataConfig
+from feddtl.methods.promptfl_config import PromptConfig
 
 
 class ConfigError(ValueError):
@@ -87,6 +88,7 @@ class ExperimentConfig:
     client: ClientConfig = field(default_factory=ClientConfig)
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
+    prompt: PromptConfig = field(default_factory=PromptConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     @property
@@ -135,7 +137,7 @@ class ExperimentConfig:
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
-        for section in (self.data, self.lora, self.client, self.grpo, self.server):
+        for section in (self.data, self.lora, self.client, self.grpo, self.server, self.prompt):
             try:
                 section.validate()
             except ValueError as exc:

@@ -64,7 +64,10 @@ def mean_client_metrics(updates: Sequence[ClientUpdate]) -> dict[str, float]:
 
 
 def build_method(fed: Federation) -> Method:
-    ctx = ServerContext(backbone=fed.backbone, config=fed.config, base_text=fed.base_text, novel_text=fed.novel_text)
+    ctx = ServerContext(
+        backbone=fed.backbone, config=fed.config, base_text=fed.base_text, novel_text=fed.novel_text,
+        base_names=fed.classes.base_names, novel_names=fed.classes.novel_names,
+    )
     return get_method(fed.config.method)(ctx)
 
 
