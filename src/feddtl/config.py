@@ -60,8 +60,9 @@ class ExperimentConfig:
     """Dataset name (fashion-mnist, mnist5k, digits) or imagefolder:<path>."""
     backbone: str = "lite"
     """"lite" (offline default) or "hf-clip:<hub id or local path>"."""
-    partition: Literal["iid", "dirichlet", "pathological"] = "pathological"
-    """Label skew across clients over the base classes."""
+    partition: Literal["iid", "dirichlet", "pathological", "domain", "domain-dirichlet"] = "pathological"
+    """Label skew across clients over the base classes; "domain" (whole domains per client) and
+    "domain-dirichlet" (domains x Dir(alpha)) are feature shift, for datasets with domains (digits-domains)."""
     num_clients: int = 5
     """K, the number of clients (paper: 5)."""
     shots: int | None = 16

@@ -138,6 +138,8 @@ def run_experiment(
     if method.trains:
         rows = run_rounds(fed, method, run, progress=progress, log_fn=log_fn)
         final = {k: rows[-1][k] for k in ("base_acc", "novel_acc", "hm", "local_acc", "local_acc_per_client")}
+        if "per_domain_acc" in rows[-1]:
+            final["per_domain_acc"] = rows[-1]["per_domain_acc"]
     else:
         final = evaluate_method(fed, method)
         run.append_metrics({"round": 0, **final})
