@@ -123,15 +123,23 @@ def evaluate_method(fed: Federation, method: Method) -> dict[str, Any]:
 
 
 def run_experiment(
-    config: ExperimentConfig, out_dir: str | Path, progress: bool = True, log_fn: Callable[[str], None] = print
+    config: ExperimentConfig,
+    out_dir: str | Path,
+    progress: bool = True,
+    log_fn: Callable[[str], None] = print,
+    fed: Federation | None = None,
 ) -> dict[str, Any]:
-    """Run one experiment in process and write its run directory; returns results.json's content."""
+    """Run one experiment in process and write its run directory; returns results.json's content.
+
+    ``fed``: an already built federation for this config (the bench reuses one across methods, with
+    the backbone's LoRA reset to its initial state); None builds it."""
     started = time.perf_counter()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     run = RunDir(out_dir)
     run.write_config(config)
     run.reset_metrics()
-    fed = build_federation(config, log_fn=log_fn)
+    if fed is None:
+        fed = build_federation(config, log_fn=log_fn)
     setup_s = time.perf_counter() - started
     method = build_method(fed)
     rows: list[dict[str, Any]] = []
