@@ -261,8 +261,10 @@ def _backbone_missing(spec: str) -> str | None:
 
 def _dataset_missing(config: ExperimentConfig) -> str | None:
     name = config.dataset
-    if name.startswith("imagefolder:"):
-        folder = Path(name[len("imagefolder:") :]).expanduser()
+    for prefix in ("imagefolder:", "imagefolder-domains:"):
+        if not name.startswith(prefix):
+            continue
+        folder = Path(name[len(prefix) :]).expanduser()
         if not folder.is_dir():
             return f"dataset folder {folder} (for {name}) does not exist"
         return None

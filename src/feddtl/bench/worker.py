@@ -50,13 +50,16 @@ def run_cells(
     snapshot: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], torch.Tensor] | None = None
     done = []
     for config, run_dir in cells:
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         try:
             if fed is None or federation_key(config) != key:
                 fed = build_federation(config, log_fn=log_fn)
                 key = federation_key(config)
                 snapshot = (fed.backbone.image_lora_state(), fed.backbone.text_lora_state(), torch.get_rng_state())
-                log_fn(f"federation built in {time.perf_counter() - started:.1f} s")
+                log_fn(
+                    f"federation built in {time.perf_counter() - started:.1f} s "
+                    f"({time.process_time() - cpu_started:.1f} s CPU)"
+                )
             else:
                 assert snapshot is not None
                 fed.backbone.load_image_lora(snapshot[0])
@@ -71,7 +74,8 @@ def run_cells(
             continue
         log_fn(
             f"done {run_dir}: Base {results['base_acc']:.2f} Novel {results['novel_acc']:.2f} "
-            f"HM {results['hm']:.2f} [{time.perf_counter() - started:.0f} s]"
+            f"HM {results['hm']:.2f} [{time.perf_counter() - started:.0f} s, "
+            f"{time.process_time() - cpu_started:.0f} s CPU]"
         )
         done.append(results)
     return done

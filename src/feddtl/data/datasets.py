@@ -331,11 +331,16 @@ def available_datasets() -> list[str]:
 def load_dataset(name: str, config: DataConfig, seed: int) -> DatasetSplits:
     """Load `name` (a registered name or `imagefolder:<path>`) into seeded train/test splits."""
     config.validate()
+    if name.startswith("imagefolder-domains:"):
+        from .domains import load_imagefolder_domains
+
+        return load_imagefolder_domains(name, name[len("imagefolder-domains:"):], config, seed)
     if name.startswith(IMAGEFOLDER_PREFIX):
         return _load_imagefolder(name, name[len(IMAGEFOLDER_PREFIX):], config, seed)
     if name not in DATASETS:
         raise DatasetError(
             f"unknown dataset {name!r}; available: {', '.join(available_datasets())}, or "
-            f"{IMAGEFOLDER_PREFIX}<path> for a folder with one sub-folder of images per class"
+            f"{IMAGEFOLDER_PREFIX}<path> for a folder with one sub-folder of images per class, or "
+            f"imagefolder-domains:<path> for one such folder per domain"
         )
     return DATASETS[name](config, seed)

@@ -20,6 +20,7 @@ Every sample carries a domain id (``ImageDataset.domains``), which the ``domain`
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -158,8 +159,12 @@ def _colour(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return out
 
 
+@functools.lru_cache(maxsize=1)
 def digit_domains() -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """domain name -> (RGB uint8 images (N, 28, 28, 3), labels (N,)), in DIGIT_DOMAINS order."""
+    """domain name -> (RGB uint8 images (N, 28, 28, 3), labels (N,)), in DIGIT_DOMAINS order.
+
+    The images do not depend on the experiment seed, so they are generated once per process
+    (callers index into the arrays, which copies; they never write to them)."""
     rng = np.random.default_rng(GENERATION_SEED)
     shards = _mnist_shards(rng)
     sk_images, sk_labels = _sklearn_digits()
@@ -239,3 +244,45 @@ def domain_partition(
                 parts[k] = np.sort(pool[chunk]).astype(np.int64)
         return parts
     raise ValueError(f"unknown domain partition {scheme!r}; allowed: {', '.join(DOMAIN_PARTITIONS)}")
+
+
+IMAGEFOLDER_DOMAINS_PREFIX = "imagefolder-domains:"
+
+
+def load_imagefolder_domains(name: str, root_text: str, config: DataConfig, seed: int) -> DatasetSplits:
+    """``imagefolder-domains:<root>``: one sub-folder per domain (DomainNet, Office-Caltech-10 layout),
+    each an image folder with one sub-folder per class (optionally under train/ and test/). Every
+    domain must hold the same class folders. Without train/test folders, each domain is split
+    per class with ``data.test_fraction``."""
+    from .datasets import _class_folders, _scan_imagefolder
+
+    root = Path(root_text).expanduser()
+    if not root.is_dir():
+        raise DatasetError(f"{name}: {root} is not a folder (expected {root}/<domain>/<class>/*.jpg)")
+    domain_dirs = _class_folders(root)
+    if not domain_dirs:
+        raise DatasetError(f"{name}: {root} has no domain sub-folders")
+    classes: list[str] | None = None
+    parts: dict[str, list[tuple[list[str], np.ndarray, int]]] = {"train": [], "test": []}
+    for d, folder in enumerate(domain_dirs):
+        if (folder / "train").is_dir() and (folder / "test").is_dir():
+            names, train_paths, train_labels = _scan_imagefolder(folder / "train", classes)
+            _, test_paths, test_labels = _scan_imagefolder(folder / "test", names)
+            parts["train"].append((train_paths, train_labels, d))
+            parts["test"].append((test_paths, test_labels, d))
+        else:
+            names, paths, labels = _scan_imagefolder(folder, classes)
+            train_idx, test_idx = stratified_split(labels, config.test_fraction, seed + 101 * d)
+            parts["train"].append(([paths[i] for i in train_idx], labels[train_idx], d))
+            parts["test"].append(([paths[i] for i in test_idx], labels[test_idx], d))
+        classes = names
+    classnames = [n.replace("_", " ") for n in classes or []]
+    domain_names = [f.name for f in domain_dirs]
+
+    def build(items: list[tuple[list[str], np.ndarray, int]]) -> ImageDataset:
+        paths = [p for item in items for p in item[0]]
+        labels = np.concatenate([np.asarray(item[1], dtype=np.int64) for item in items])
+        ids = np.concatenate([np.full(len(item[0]), item[2]) for item in items])
+        return ImageDataset(labels, classnames, paths=paths, domains=ids, domain_names=domain_names)
+
+    return _with_test_cap(name, build(parts["train"]), build(parts["test"]), config, seed)
