@@ -43,7 +43,7 @@ def plot_hm(suite: dict[str, Any], cells: dict[tuple[str, str], CellSummary], pa
     ax.set_ylabel("HM (%)")
     ax.set_title(f"HM per method and scenario (mean ± std over seeds) — {suite.get('name', '')}")
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=8, ncol=min(3, len(methods)))
+    ax.legend(fontsize=8, ncol=min(3, len(methods)), loc="upper center", bbox_to_anchor=(0.5, -0.18))
     return _save(fig, path)
 
 
