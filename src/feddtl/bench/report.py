@@ -131,7 +131,8 @@ def markdown_table(suite: dict[str, Any], cells: dict[tuple[str, str], CellSumma
         lines += [suite["description"].strip(), ""]
     lines += [
         "Accuracy in percent, mean ± sample std over the seeds that finished (the `n` column). "
-        "RL diagnostics are final-round means over clients, averaged over seeds (blank: no RL stage).",
+        "RL diagnostics are final-round means over clients, averaged over seeds (blank: no RL stage). "
+        "wall s: the run's own time, without the federation build its worker shares across methods.",
         "",
         "## HM per method and scenario",
         "",
