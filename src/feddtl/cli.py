@@ -58,6 +58,35 @@ def _cmd_presets(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from feddtl.bench.runner import run_suite
+    from feddtl.bench.suite import SuiteError, load_suite
+
+    try:
+        suite = load_suite(args.suite)
+        counts = run_suite(suite, args.out, seeds=args.seeds, jobs=args.jobs, log_fn=lambda s: print(s, flush=True))
+    except SuiteError as exc:
+        print(f"feddtl bench: {exc}", file=sys.stderr)
+        return 2
+    print(
+        f"suite {suite.name}: {counts['cells']} cells, {counts['finished_before']} already finished, "
+        f"{counts['ran']} ran now, {counts['failed']} unfinished -> {Path(args.out) / 'table.md'}"
+    )
+    return 0 if counts["failed"] == 0 else 1
+
+
+def _cmd_bench_report(args: argparse.Namespace) -> int:
+    from feddtl.bench.report import write_report
+
+    try:
+        written = write_report(args.dir)
+    except FileNotFoundError as exc:
+        print(f"feddtl bench-report: {exc}", file=sys.stderr)
+        return 2
+    print("\n".join(str(p) for p in written))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="feddtl", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -70,6 +99,15 @@ def build_parser() -> argparse.ArgumentParser:
     report = sub.add_parser("report", help="print a results table of finished run directories")
     report.add_argument("dirs", nargs="+")
     report.set_defaults(func=_cmd_report)
+    bench = sub.add_parser("bench", help="run a benchmark suite (methods x scenarios x seeds), resumable")
+    bench.add_argument("--suite", required=True, help="suite name (smoke, paper-lite, paper-clip) or TOML path")
+    bench.add_argument("--out", required=True, help="output folder; finished cells in it are skipped")
+    bench.add_argument("--seeds", type=int, default=None, help="seeds per cell (default: the suite's)")
+    bench.add_argument("--jobs", type=int, default=1, help="worker processes at once (default 1)")
+    bench.set_defaults(func=_cmd_bench)
+    bench_report = sub.add_parser("bench-report", help="rebuild a suite's table and plots from its output folder")
+    bench_report.add_argument("dir")
+    bench_report.set_defaults(func=_cmd_bench_report)
     sub.add_parser("methods", help="list methods").set_defaults(func=_cmd_methods)
     sub.add_parser("presets", help="list preset configs").set_defaults(func=_cmd_presets)
     return parser

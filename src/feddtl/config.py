@@ -19,6 +19,7 @@ from feddtl.algorithm.grpo_config import GRPOConfig
 from feddtl.algorithm.server_config import ServerConfig
 from feddtl.backbones.lora_config import LoraConfig
 from feddtl.data.data_config import DataConfig
+from feddtl.methods.promptfl_config import PromptConfig
 
 
 class ConfigError(ValueError):
@@ -59,8 +60,9 @@ class ExperimentConfig:
     """Dataset name (fashion-mnist, mnist5k, digits) or imagefolder:<path>."""
     backbone: str = "lite"
     """"lite" (offline default) or "hf-clip:<hub id or local path>"."""
-    partition: Literal["iid", "dirichlet", "pathological"] = "pathological"
-    """Label skew across clients over the base classes."""
+    partition: Literal["iid", "dirichlet", "pathological", "domain", "domain-dirichlet"] = "pathological"
+    """Label skew across clients over the base classes; "domain" (whole domains per client) and
+    "domain-dirichlet" (domains x Dir(alpha)) are feature shift, for datasets with domains (digits-domains)."""
     num_clients: int = 5
     """K, the number of clients (paper: 5)."""
     shots: int | None = 16
@@ -87,6 +89,7 @@ class ExperimentConfig:
     client: ClientConfig = field(default_factory=ClientConfig)
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
+    prompt: PromptConfig = field(default_factory=PromptConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     @property
@@ -135,7 +138,7 @@ class ExperimentConfig:
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
-        for section in (self.data, self.lora, self.client, self.grpo, self.server):
+        for section in (self.data, self.lora, self.client, self.grpo, self.server, self.prompt):
             try:
                 section.validate()
             except ValueError as exc:

@@ -106,14 +106,17 @@ def client_indices(config: ExperimentConfig, splits: DatasetSplits, classes: Cla
             raise ConfigError(
                 f"classes_per_client={config.classes_per_client} exceeds the {len(classes.base)} base classes"
             )
-    parts = partition_indices(
-        labels[pool],
-        config.num_clients,
-        config.partition,
-        seed=config.seed,
-        alpha=config.alpha,
-        classes_per_client=config.classes_per_client,
-    )
+    if config.partition.startswith("domain"):
+        parts = _domain_parts(config, splits, pool)
+    else:
+        parts = partition_indices(
+            labels[pool],
+            config.num_clients,
+            config.partition,
+            seed=config.seed,
+            alpha=config.alpha,
+            classes_per_client=config.classes_per_client,
+        )
     out = []
     for k, part in enumerate(parts):
         idx = pool[part]
@@ -129,6 +132,25 @@ def client_indices(config: ExperimentConfig, splits: DatasetSplits, classes: Cla
             )
         out.append(idx)
     return out
+
+
+def _domain_parts(config: ExperimentConfig, splits: DatasetSplits, pool: np.ndarray) -> list[np.ndarray]:
+    """Feature-shift partition of the base-class pool (positions into ``pool``)."""
+    from feddtl.data.domains import domain_partition
+
+    train = splits.train
+    if train.domains is None or train.domain_names is None:
+        raise ConfigError(
+            f"partition={config.partition!r} needs a dataset with domains (e.g. digits-domains); "
+            f"{config.dataset!r} has none"
+        )
+    try:
+        return domain_partition(
+            train.labels[pool], train.domains[pool], len(train.domain_names), config.num_clients,
+            config.partition, seed=config.seed, alpha=config.alpha,
+        )
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def to_base_index(labels: np.ndarray, classes: list[int]) -> torch.Tensor:
@@ -156,13 +178,21 @@ def build_eval_set(
 ) -> EvalSet:
     labels = splits.test.labels
     sets = []
+    domain_ids = []
     for group in (classes.base, classes.novel):
         idx = np.flatnonzero(np.isin(labels, group))
         if config.data.test_per_class is not None:
             idx = cap_per_class(labels, idx, config.data.test_per_class, seed=config.seed + 3000)
         sets.append((trunk_features(backbone, splits.test, idx, config), to_base_index(labels[idx], group)))
+        if splits.test.domains is not None:
+            domain_ids.append(torch.from_numpy(splits.test.domains[idx]))
     (bf, bl), (nf, nl) = sets
-    return EvalSet(base_features=bf, base_labels=bl, novel_features=nf, novel_labels=nl, client_classes=client_classes)
+    domains = {}
+    if domain_ids:
+        domains = {"domain_names": splits.test.domain_names, "base_domains": domain_ids[0], "novel_domains": domain_ids[1]}
+    return EvalSet(
+        base_features=bf, base_labels=bl, novel_features=nf, novel_labels=nl, client_classes=client_classes, **domains
+    )
 
 
 @dataclass

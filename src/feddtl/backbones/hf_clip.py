@@ -143,6 +143,21 @@ class HFClipBackbone(Backbone):
         pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), eos_pos]
         return self.model.text_projection(pooled)
 
+    def text_token_embeddings(self, input_ids: torch.Tensor) -> torch.Tensor:
+        text = self.model.text_model
+        return text.embeddings.token_embedding(input_ids.to(text.embeddings.token_embedding.weight.device))
+
+    def text_from_token_embeddings(self, embeds: torch.Tensor, tokens: dict[str, torch.Tensor]) -> torch.Tensor:
+        text = self.model.text_model
+        input_ids = tokens["input_ids"].to(embeds.device)
+        mask = tokens.get("attention_mask")
+        mask = torch.ones_like(input_ids) if mask is None else mask.to(embeds.device)
+        hidden = text.embeddings(inputs_embeds=embeds)  # + position embeddings
+        mask4d = causal_padding_mask_4d(mask, hidden.dtype)
+        for layer in text.encoder.layers[: self.text_start_block]:
+            hidden = run_layer(layer, hidden, mask4d)
+        return self.text_tail({"hidden": hidden, "attention_mask": mask, "input_ids": input_ids})
+
     # ----- LoRA ------------------------------------------------------------------------------------
     def lora_targets(self, image_start: int, text_start: int) -> tuple[list[str], list[str]]:
         def targets(tower: str, start: int) -> list[str]:

@@ -173,6 +173,18 @@ class LiteBackbone(Backbone):
         m = mask.unsqueeze(-1).to(hidden.dtype)
         return (hidden * m).sum(1) / m.sum(1).clamp_min(1e-9)
 
+    def text_token_embeddings(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.text_net.embeddings.word_embeddings(input_ids)
+
+    def text_from_token_embeddings(self, embeds: torch.Tensor, tokens: dict[str, torch.Tensor]) -> torch.Tensor:
+        net = self.text_net
+        mask = tokens["attention_mask"].to(embeds.device)
+        hidden = net.embeddings(inputs_embeds=embeds)  # + position and token-type embeddings, LayerNorm
+        mask4d = padding_mask_4d(mask, hidden.dtype)
+        for layer in net.encoder.layer[: self.text_start_block]:
+            hidden = run_layer(layer, hidden, mask4d)
+        return self.text_tail({"hidden": hidden, "attention_mask": mask})
+
     # ----- LoRA ------------------------------------------------------------------------------------
     def lora_targets(self, image_start: int, text_start: int) -> tuple[list[str], list[str]]:
         image: list[str] = []

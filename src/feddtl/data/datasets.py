@@ -49,12 +49,27 @@ class ImageDataset:
         *,
         images: np.ndarray | None = None,
         paths: Sequence[str] | None = None,
+        domains: np.ndarray | None = None,
+        domain_names: Sequence[str] | None = None,
     ) -> None:
-        """Give exactly one of `images` (uint8, (N, H, W) grey or (N, H, W, 3) RGB) or `paths`."""
+        """Give exactly one of `images` (uint8, (N, H, W) grey or (N, H, W, 3) RGB) or `paths`.
+
+        `domains` (optional, with `domain_names`): each sample's domain id, for feature-shift data."""
         if (images is None) == (paths is None):
             raise ValueError("ImageDataset needs exactly one of images= or paths=")
         self.labels: np.ndarray = np.asarray(labels, dtype=np.int64).reshape(-1)
         self.classnames: list[str] = list(classnames)
+        self.domains: np.ndarray | None = None
+        self.domain_names: list[str] | None = None
+        if (domains is None) != (domain_names is None):
+            raise ValueError("ImageDataset needs both domains= and domain_names=, or neither")
+        if domains is not None:
+            self.domains = np.asarray(domains, dtype=np.int64).reshape(-1)
+            self.domain_names = list(domain_names)  # type: ignore[arg-type]
+            if len(self.domains) != len(self.labels):
+                raise ValueError(f"{len(self.domains)} domain ids but {len(self.labels)} labels")
+            if len(self.domains) and (self.domains.min() < 0 or self.domains.max() >= len(self.domain_names)):
+                raise ValueError(f"domain ids must lie in [0, {len(self.domain_names)})")
         self._images: np.ndarray | None = None
         self._paths: list[str] | None = None
         if images is not None:
@@ -108,9 +123,10 @@ class ImageDataset:
     def subset(self, indices: Sequence[int] | np.ndarray) -> "ImageDataset":
         """The images at `indices` (same class names; pixels shared for in-memory data)."""
         idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        dom = {} if self.domains is None else {"domains": self.domains[idx], "domain_names": self.domain_names}
         if self._images is not None:
-            return ImageDataset(self.labels[idx], self.classnames, images=self._images[idx])
-        return ImageDataset(self.labels[idx], self.classnames, paths=[self._paths[i] for i in idx])  # type: ignore[index]
+            return ImageDataset(self.labels[idx], self.classnames, images=self._images[idx], **dom)
+        return ImageDataset(self.labels[idx], self.classnames, paths=[self._paths[i] for i in idx], **dom)  # type: ignore[index]
 
 
 @dataclass
@@ -297,7 +313,14 @@ DATASETS: dict[str, Loader] = {
     "fashion-mnist": _load_fashion_mnist,
     "mnist5k": _load_mnist5k,
     "digits": _load_digits,
+    "digits-domains": lambda config, seed: _load_digit_domains(config, seed),
 }
+
+
+def _load_digit_domains(config: DataConfig, seed: int) -> DatasetSplits:
+    from .domains import load_digit_domains  # imported here: domains imports this module
+
+    return load_digit_domains(config, seed)
 
 
 def available_datasets() -> list[str]:
@@ -308,11 +331,16 @@ def available_datasets() -> list[str]:
 def load_dataset(name: str, config: DataConfig, seed: int) -> DatasetSplits:
     """Load `name` (a registered name or `imagefolder:<path>`) into seeded train/test splits."""
     config.validate()
+    if name.startswith("imagefolder-domains:"):
+        from .domains import load_imagefolder_domains
+
+        return load_imagefolder_domains(name, name[len("imagefolder-domains:"):], config, seed)
     if name.startswith(IMAGEFOLDER_PREFIX):
         return _load_imagefolder(name, name[len(IMAGEFOLDER_PREFIX):], config, seed)
     if name not in DATASETS:
         raise DatasetError(
             f"unknown dataset {name!r}; available: {', '.join(available_datasets())}, or "
-            f"{IMAGEFOLDER_PREFIX}<path> for a folder with one sub-folder of images per class"
+            f"{IMAGEFOLDER_PREFIX}<path> for a folder with one sub-folder of images per class, or "
+            f"imagefolder-domains:<path> for one such folder per domain"
         )
     return DATASETS[name](config, seed)

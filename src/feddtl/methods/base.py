@@ -28,6 +28,10 @@ class ServerContext:
     """Cached text-trunk features of the base-class prompts."""
     novel_text: TextFeatures
     """Cached text-trunk features of the novel-class prompts."""
+    base_names: list[str] | None = None
+    """Base class names (public), for methods that build their own prompts (PromptFL)."""
+    novel_names: list[str] | None = None
+    """Novel class names (public)."""
 
 
 class Method(abc.ABC):

@@ -64,7 +64,10 @@ def mean_client_metrics(updates: Sequence[ClientUpdate]) -> dict[str, float]:
 
 
 def build_method(fed: Federation) -> Method:
-    ctx = ServerContext(backbone=fed.backbone, config=fed.config, base_text=fed.base_text, novel_text=fed.novel_text)
+    ctx = ServerContext(
+        backbone=fed.backbone, config=fed.config, base_text=fed.base_text, novel_text=fed.novel_text,
+        base_names=fed.classes.base_names, novel_names=fed.classes.novel_names,
+    )
     return get_method(fed.config.method)(ctx)
 
 
@@ -120,21 +123,31 @@ def evaluate_method(fed: Federation, method: Method) -> dict[str, Any]:
 
 
 def run_experiment(
-    config: ExperimentConfig, out_dir: str | Path, progress: bool = True, log_fn: Callable[[str], None] = print
+    config: ExperimentConfig,
+    out_dir: str | Path,
+    progress: bool = True,
+    log_fn: Callable[[str], None] = print,
+    fed: Federation | None = None,
 ) -> dict[str, Any]:
-    """Run one experiment in process and write its run directory; returns results.json's content."""
+    """Run one experiment in process and write its run directory; returns results.json's content.
+
+    ``fed``: an already built federation for this config (the bench reuses one across methods, with
+    the backbone's LoRA reset to its initial state); None builds it."""
     started = time.perf_counter()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     run = RunDir(out_dir)
     run.write_config(config)
     run.reset_metrics()
-    fed = build_federation(config, log_fn=log_fn)
+    if fed is None:
+        fed = build_federation(config, log_fn=log_fn)
     setup_s = time.perf_counter() - started
     method = build_method(fed)
     rows: list[dict[str, Any]] = []
     if method.trains:
         rows = run_rounds(fed, method, run, progress=progress, log_fn=log_fn)
         final = {k: rows[-1][k] for k in ("base_acc", "novel_acc", "hm", "local_acc", "local_acc_per_client")}
+        if "per_domain_acc" in rows[-1]:
+            final["per_domain_acc"] = rows[-1]["per_domain_acc"]
     else:
         final = evaluate_method(fed, method)
         run.append_metrics({"round": 0, **final})
