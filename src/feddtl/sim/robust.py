@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -147,16 +148,18 @@ def corrupt_update(update: ClientUpdate, mode: str, spec: UpdateSpec) -> ClientU
 
 
 def _with_faults(
-    step: Callable[[], ClientUpdate], mode: str | None, spec: UpdateSpec, release: threading.Event, hang_s: float
+    step: Callable[[], ClientUpdate], mode: str | None, spec: UpdateSpec, release: threading.Event, delay_s: float
 ) -> Callable[[], ClientUpdate | None]:
     def run() -> ClientUpdate | None:
         if mode == "raise":
             raise InjectedFault("injected fault (faults.mode = raise)")
         if mode == "timeout":
-            release.wait(hang_s)  # a hung client: released when the caller gives up on it
+            release.wait(delay_s)  # a hung client: released when the caller gives up on it
             return None
         if mode == "drop":
             return None
+        if mode == "slow":
+            time.sleep(delay_s)  # a slow but working client: its step is awaited even past a timeout
         update = step()
         return corrupt_update(update, mode, spec) if mode in CORRUPTIONS else update
 
@@ -233,7 +236,7 @@ def collect_updates(
             mode = faults.mode if fault_hits(faults, round_num, k, attempt) else None
             expected = spec(k)
             release = threading.Event()
-            fn = _with_faults(lambda k=k: step(k), mode, expected, release, faults.hang_s)
+            fn = _with_faults(lambda k=k: step(k), mode, expected, release, faults.delay_s)
             update, reason = call_client(fn, rob.client_timeout_s, release)
             if update is None:
                 out.failed.append({"client": k, "attempt": attempt, "reason": reason})

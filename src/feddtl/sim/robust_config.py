@@ -13,6 +13,7 @@ FaultMode = Literal[
     "none",
     "raise",
     "timeout",
+    "slow",
     "drop",
     "nan_lora",
     "inf_embeddings",
@@ -70,8 +71,8 @@ class FaultConfig:
     """Faults injected around the in-process client call, for tests and demos (never inside the algorithm)."""
 
     mode: FaultMode = "none"
-    """What a hit client does: "raise" (an exception), "timeout" (hangs past robustness.client_timeout_s),
-    "drop" (no reply), or uploads a corrupt update: "nan_lora" (a NaN in its LoRA), "inf_embeddings" (an inf in its
+    """What a hit client does: "raise" (an exception), "timeout" (hangs past robustness.client_timeout_s
+    until released), "slow" (sleeps faults.delay_s, then trains and answers normally), "drop" (no reply), or uploads a corrupt update: "nan_lora" (a NaN in its LoRA), "inf_embeddings" (an inf in its
     embeddings), "bad_shape", "bad_keys", "huge_norm" (LoRA weights x 1e6), "bad_embed_dim",
     "bad_labels" (a class it does not hold), "too_many_embeddings" (one more than the cap),
     "unnormalised" (embeddings x 3), "bad_num_samples" (claims 1e9 images), "wrong_client_id"."""
@@ -85,8 +86,8 @@ class FaultConfig:
     """Hit only the first this many attempts of a round, so a retry can succeed; None: every attempt."""
     seed: int = 0
     """Seed of the probability draws (independent of the experiment seed)."""
-    hang_s: float = 3600.0
-    """How long a "timeout" client hangs if nothing releases it."""
+    delay_s: float = 3600.0
+    """How long a "slow" client sleeps before its step, and the longest a "timeout" client hangs."""
 
     def validate(
         self, num_clients: int, rounds: int, robustness: RobustnessConfig, client: "ClientConfig"
@@ -95,8 +96,8 @@ class FaultConfig:
             raise ValueError(f"faults.probability must be in [0, 1], got {self.probability}")
         if self.attempts is not None and self.attempts < 1:
             raise ValueError(f"faults.attempts must be >= 1 or none, got {self.attempts}")
-        if self.hang_s <= 0:
-            raise ValueError(f"faults.hang_s must be > 0, got {self.hang_s}")
+        if self.delay_s < 0:
+            raise ValueError(f"faults.delay_s must be >= 0, got {self.delay_s}")
         bad = [k for k in self.clients or [] if not 0 <= k < num_clients]
         if bad:
             raise ValueError(f"faults.clients {bad} are not client ids; allowed: 0..{num_clients - 1}")
