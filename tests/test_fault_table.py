@@ -333,3 +333,11 @@ def test_cli_prints_bad_input_as_one_line_and_exits_2(tmp_path, capsys, argv, me
     err = capsys.readouterr().err
     assert code == 2
     assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_prototype_uploads_are_one_vector_per_class_and_pass_validation(bundle, base_overrides, tmp_path):
+    # prepare / execute: tiny has 3 clients x 2 classes each
+    rows, _ = run_with(bundle, base_overrides, tmp_path, ["client.upload=prototypes"])
+    # assert: 6 vectors per round reach the server, none rejected
+    assert [r["uploaded_embeddings"] for r in rows] == [6.0, 6.0]
+    assert all(r["accepted"] == [0, 1, 2] and "rejected" not in r for r in rows)

@@ -165,3 +165,17 @@ def test_adam_state_survives_a_checkpoint_round_trip():
 )
 def test_checkpoint_schedule(every, due):
     assert [t for t in range(1, 6) if checkpoint_due(t, 5, every)] == due
+
+
+def test_cli_stop_on_failing_clients_exits_3_and_says_how_to_resume(run_args, tmp_path, capsys):
+    # prepare / execute: every client fails round 1
+    from feddtl.cli import main as cli_main
+
+    code = cli_main(["run", *run_args, "--set", "rounds=1", "--set", "client.switch_round=1", "--set",
+                     "faults.mode=drop", "--out", str(tmp_path), "--quiet"])
+    # assert
+    err = capsys.readouterr().err
+    assert code == 3
+    assert "round 1: 0 of 3 clients answered" in err and f"feddtl run --resume {tmp_path}" in err
+    assert "Traceback" not in err
+    assert load_checkpoint(tmp_path, load_run_config(tmp_path)).round == 0
