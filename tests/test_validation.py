@@ -135,3 +135,12 @@ def test_list_config_values_round_trip_through_toml(tmp_path):
         load_config("tiny", ['faults.clients=[0, "x"]'])
     with pytest.raises(ConfigError, match=r"faults\.mode = \"timeout\" needs robustness\.client_timeout_s"):
         load_config("tiny", ["faults.mode=timeout"])
+
+
+def test_validation_never_raises_on_garbage():
+    ref = _reference()
+    garbage = dataclasses.replace(_update(ref), embeddings="not a tensor", labels=None)
+    assert "must be tensors" in validate_update(garbage, _spec(ref))
+    odd = dataclasses.replace(_update(ref), image_lora={k: object() for k in ref})
+    assert "is not a tensor" in validate_update(odd, _spec(ref))
+    assert validate_update("hello", _spec(ref)).startswith("not a client update")

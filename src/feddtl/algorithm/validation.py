@@ -113,7 +113,17 @@ def _check_embeddings(update: ClientUpdate, spec: UpdateSpec) -> str | None:
 
 
 def validate_update(update: ClientUpdate, spec: UpdateSpec) -> str | None:
-    """The reason ``update`` must be excluded from aggregation, or None if it passes every check."""
+    """The reason ``update`` must be excluded from aggregation, or None if it passes every check.
+
+    Never raises: whatever a client sends, the server gets a reason, not an exception.
+    """
+    try:
+        return _validate(update, spec)
+    except Exception as exc:  # a malformed object the checks did not foresee
+        return f"malformed update ({type(exc).__name__}: {exc})"
+
+
+def _validate(update: ClientUpdate, spec: UpdateSpec) -> str | None:
     if not isinstance(update, ClientUpdate):
         return f"not a client update ({type(update).__name__})"
     if spec.client_id is not None and update.client_id != spec.client_id:
