@@ -7,10 +7,10 @@ import os
 import sys
 from pathlib import Path
 
-from feddtl.config import ConfigError, available_presets, load_config
+from feddtl.config import ConfigError, ExperimentConfig, available_presets, load_config
 
 
-def _run_target(args: argparse.Namespace):
+def _run_target(args: argparse.Namespace) -> tuple[ExperimentConfig, str]:
     """(config, run directory) of `feddtl run`, fresh or resumed."""
     from feddtl.checkpoint import load_run_config
 
