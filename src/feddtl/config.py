@@ -18,8 +18,10 @@ from feddtl.algorithm.client_config import ClientConfig
 from feddtl.algorithm.grpo_config import GRPOConfig
 from feddtl.algorithm.server_config import ServerConfig
 from feddtl.backbones.lora_config import LoraConfig
+from feddtl.checkpoint_config import CheckpointConfig
 from feddtl.data.data_config import DataConfig
 from feddtl.methods.promptfl_config import PromptConfig
+from feddtl.sim.robust_config import FaultConfig, RobustnessConfig
 
 
 class ConfigError(ValueError):
@@ -91,6 +93,9 @@ class ExperimentConfig:
     server: ServerConfig = field(default_factory=ServerConfig)
     prompt: PromptConfig = field(default_factory=PromptConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    robustness: RobustnessConfig = field(default_factory=RobustnessConfig)
+    faults: FaultConfig = field(default_factory=FaultConfig)
 
     @property
     def switch_round(self) -> int:
@@ -138,11 +143,17 @@ class ExperimentConfig:
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
-        for section in (self.data, self.lora, self.client, self.grpo, self.server, self.prompt):
+        for section in (
+            self.data, self.lora, self.client, self.grpo, self.server, self.prompt, self.checkpoint, self.robustness
+        ):
             try:
                 section.validate()
             except ValueError as exc:
                 raise ConfigError(str(exc)) from None
+        try:
+            self.faults.validate(self.num_clients, self.rounds, self.robustness, self.client)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -158,6 +169,8 @@ def _type_name(tp: Any) -> str:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
     if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
         return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if typing.get_origin(tp) is list:
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
     if tp is type(None):
         return "none"
     return getattr(tp, "__name__", str(tp))
@@ -178,6 +191,11 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
             except ConfigError:
                 continue
         raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list of {_type_name(item_tp)}, got {value!r}")
+        return [_coerce(f"{key}[{i}]", v, item_tp) for i, v in enumerate(value)]
     if origin is Literal:
         if value not in typing.get_args(tp):
             raise ConfigError(f"{key}={value!r} is not allowed; allowed: {_type_name(tp)[len('one of ') :]}")
@@ -283,6 +301,8 @@ def _toml_value(value: Any) -> str:
         return repr(value)
     if isinstance(value, str):
         return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     raise TypeError(f"cannot write {value!r} to TOML")
 
 

@@ -34,7 +34,10 @@ def make_backbone(config: ExperimentConfig) -> Backbone:
     """The configured backbone with LoRA on both tails, on the configured device."""
     torch.manual_seed(config.seed)
     backbone = build_backbone(config.backbone, config.data.image_size, config.backbone_options)
-    backbone.add_lora(config.lora)
+    try:
+        backbone.add_lora(config.lora)
+    except ValueError as exc:  # lora.*_start_block out of range for this backbone
+        raise ConfigError(str(exc)) from None
     return backbone.to(resolve_device(config.device))
 
 
@@ -106,17 +109,24 @@ def client_indices(config: ExperimentConfig, splits: DatasetSplits, classes: Cla
             raise ConfigError(
                 f"classes_per_client={config.classes_per_client} exceeds the {len(classes.base)} base classes"
             )
-    if config.partition.startswith("domain"):
-        parts = _domain_parts(config, splits, pool)
-    else:
-        parts = partition_indices(
-            labels[pool],
-            config.num_clients,
-            config.partition,
-            seed=config.seed,
-            alpha=config.alpha,
-            classes_per_client=config.classes_per_client,
-        )
+    try:
+        if config.partition.startswith("domain"):
+            parts = _domain_parts(config, splits, pool)
+        else:
+            parts = partition_indices(
+                labels[pool],
+                config.num_clients,
+                config.partition,
+                seed=config.seed,
+                alpha=config.alpha,
+                classes_per_client=config.classes_per_client,
+            )
+    except ValueError as exc:  # e.g. no Dirichlet draw gives every client an image: a config problem
+        if isinstance(exc, ConfigError):
+            raise
+        raise ConfigError(
+            f"cannot partition {len(pool)} base-class images among {config.num_clients} clients: {exc}"
+        ) from None
     out = []
     for k, part in enumerate(parts):
         idx = pool[part]

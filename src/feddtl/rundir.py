@@ -56,6 +56,10 @@ class RunDir:
             f.flush()
             os.fsync(f.fileno())
 
+    def write_metrics(self, rows: list[dict[str, Any]]) -> None:
+        """Replace metrics.jsonl with ``rows`` (atomically): a resumed run drops rows past its checkpoint."""
+        atomic_write_text(self.metrics_path, "".join(json.dumps(_jsonable(r)) + "\n" for r in rows))
+
     def read_metrics(self) -> list[dict[str, Any]]:
         if not self.metrics_path.exists():
             return []

@@ -20,6 +20,7 @@ from feddtl.algorithm.encoding import TrunkFeatures, image_embeddings, image_fea
 from feddtl.algorithm.grpo import class_logits, grpo_loss, hybrid_reference_logprobs, sample_actions
 from feddtl.algorithm.grpo_config import GRPOConfig
 from feddtl.algorithm.messages import ClientTask, ClientUpdate
+from feddtl.algorithm.prototypes import class_prototypes
 from feddtl.backbones.base import Backbone, TextFeatures
 
 
@@ -215,12 +216,17 @@ def client_step(
     else:
         metrics = rl_epochs(backbone, data, task, params, config.rl_epochs, config, grpo, generator)
     index = capped_upload_index(data.labels, config.upload_cap_per_class, generator)
-    embeddings = image_embeddings(backbone, data.features, config.batch_size, index)
+    if config.upload == "prototypes":
+        # One mean embedding per class, over all local images: the cap does not apply.
+        embeddings, labels = class_prototypes(image_embeddings(backbone, data.features, config.batch_size), data.labels)
+    else:
+        embeddings = image_embeddings(backbone, data.features, config.batch_size, index)
+        labels = data.labels[index].clone()
     return ClientUpdate(
         client_id=data.client_id,
         num_samples=len(data),
         image_lora=backbone.image_lora_state(),
         embeddings=embeddings,
-        labels=data.labels[index].clone(),
+        labels=labels,
         metrics=metrics,
     )
