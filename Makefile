@@ -35,7 +35,7 @@ test: install
 	$(BIN)/python -m pytest -q
 
 bench: install
-	$(BIN)/python benchmarks/cache_speed.py
+	$(BIN)/python benchmarks/cache_speed.py --demo
 
 clean:
 	rm -rf runs .pytest_cache

@@ -1,7 +1,7 @@
 """Checkpoints and resume: a run killed at any round and resumed ends exactly like the uninterrupted run.
 
 "Exactly": results.json and every metrics.jsonl row are equal field by field except the timing fields
-(wall_s, setup_s, time_*, peak_rss_mb), and final_lora.safetensors is byte-identical.
+and memory measurements (wall_s, setup_s, time_*, *rss*), and final_lora.safetensors is byte-identical.
 """
 
 from __future__ import annotations
@@ -32,7 +32,8 @@ TIMING = ("wall_s", "setup_s", "peak_rss_mb")
 
 
 def _stable(row: dict) -> dict:
-    return {k: v for k, v in row.items() if k not in TIMING and not k.startswith("time_")}
+    # wall time and RSS describe the machine and the process's history, not the run's results
+    return {k: v for k, v in row.items() if k not in TIMING and not k.startswith("time_") and "rss" not in k}
 
 
 def _feddtl(*args: str) -> subprocess.Popen:

@@ -18,6 +18,7 @@ from feddtl.algorithm.client_config import ClientConfig
 from feddtl.algorithm.grpo_config import GRPOConfig
 from feddtl.algorithm.server_config import ServerConfig
 from feddtl.backbones.lora_config import LoraConfig
+from feddtl.cache.cache_config import CacheConfig
 from feddtl.checkpoint_config import CheckpointConfig
 from feddtl.data.data_config import DataConfig
 from feddtl.methods.promptfl_config import PromptConfig
@@ -93,6 +94,7 @@ class ExperimentConfig:
     server: ServerConfig = field(default_factory=ServerConfig)
     prompt: PromptConfig = field(default_factory=PromptConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     robustness: RobustnessConfig = field(default_factory=RobustnessConfig)
     faults: FaultConfig = field(default_factory=FaultConfig)
@@ -144,7 +146,8 @@ class ExperimentConfig:
             if not ok:
                 raise ConfigError(message)
         for section in (
-            self.data, self.lora, self.client, self.grpo, self.server, self.prompt, self.checkpoint, self.robustness
+            self.data, self.lora, self.client, self.grpo, self.server, self.prompt, self.cache, self.checkpoint,
+            self.robustness,
         ):
             try:
                 section.validate()

@@ -7,14 +7,16 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from feddtl.algorithm.client import ClientData
 from feddtl.backbones import Backbone, TextFeatures, build_backbone
+from feddtl.cache import TrunkCache, trunk_batches
 from feddtl.config import ConfigError, ExperimentConfig
-from feddtl.data import DatasetSplits, ImageDataset, cap_per_class, dataset_to_tensor, few_shot, load_dataset
+from feddtl.data import DatasetSplits, ImageDataset, cap_per_class, few_shot, load_dataset
 from feddtl.data import partition as partition_indices
 from feddtl.data import split_base_novel
 from feddtl.evaluation import EvalSet
@@ -45,20 +47,14 @@ def make_backbone(config: ExperimentConfig) -> Backbone:
 def trunk_features(
     backbone: Backbone, dataset: ImageDataset, indices: np.ndarray, config: ExperimentConfig
 ) -> torch.Tensor:
-    """The frozen image trunk's output for ``dataset[indices]``, computed once (CPU, float32)."""
-    device = next(backbone.parameters()).device
-    chunks = [
-        backbone.image_trunk(batch.to(device)).cpu()
-        for batch in dataset_to_tensor(
-            dataset,
-            indices,
-            config.data.image_size,
-            backbone.image_mean,
-            backbone.image_std,
-            invert=config.data.invert,
-            batch_size=config.eval.batch_size,
-        )
-    ]
+    """The frozen image trunk's output for ``dataset[indices]`` in one CPU float32 tensor.
+
+    Runs use a ``TrunkCache`` instead (memory budget, disk store, uncached mode); this is for callers
+    that want a plain tensor.
+    """
+    chunks = list(
+        trunk_batches(backbone, dataset, indices, config.data.image_size, config.data.invert, config.cache.batch_size)
+    )
     if not chunks:
         raise ValueError("no images to encode")
     return torch.cat(chunks)
@@ -170,13 +166,20 @@ def to_base_index(labels: np.ndarray, classes: list[int]) -> torch.Tensor:
 
 def build_client_data(
     backbone: Backbone, config: ExperimentConfig, splits: DatasetSplits, classes: ClassSplit, client_id: int,
-    indices: np.ndarray, base_text: TextFeatures | None = None,
+    indices: np.ndarray, base_text: TextFeatures | None = None, cache: TrunkCache | None = None,
 ) -> ClientData:
-    """One client's data with its trunk features cached (each client only ever encodes its own images)."""
+    """One client's data with its trunk features cached (each client only ever encodes its own images).
+
+    ``cache``: the run's trunk cache (None: a plain in-memory tensor)."""
     labels = splits.train.labels[indices]
+    features = (
+        trunk_features(backbone, splits.train, indices, config)
+        if cache is None
+        else cache.store(f"client{client_id}-train", splits.train, indices)
+    )
     return ClientData(
         client_id=client_id,
-        features=trunk_features(backbone, splits.train, indices, config),
+        features=features,
         labels=to_base_index(labels, classes.base),
         base_text=base_text,
     )
@@ -184,16 +187,19 @@ def build_client_data(
 
 def build_eval_set(
     backbone: Backbone, config: ExperimentConfig, splits: DatasetSplits, classes: ClassSplit,
-    client_classes: list[list[int]],
+    client_classes: list[list[int]], cache: TrunkCache | None = None,
 ) -> EvalSet:
     labels = splits.test.labels
     sets = []
     domain_ids = []
-    for group in (classes.base, classes.novel):
+    for name, group in (("test-base", classes.base), ("test-novel", classes.novel)):
         idx = np.flatnonzero(np.isin(labels, group))
         if config.data.test_per_class is not None:
             idx = cap_per_class(labels, idx, config.data.test_per_class, seed=config.seed + 3000)
-        sets.append((trunk_features(backbone, splits.test, idx, config), to_base_index(labels[idx], group)))
+        features = trunk_features(backbone, splits.test, idx, config) if cache is None else cache.store(
+            name, splits.test, idx
+        )
+        sets.append((features, to_base_index(labels[idx], group)))
         if splits.test.domains is not None:
             domain_ids.append(torch.from_numpy(splits.test.domains[idx]))
     (bf, bl), (nf, nl) = sets
@@ -216,10 +222,15 @@ class Federation:
     eval_set: EvalSet
     base_text: TextFeatures
     novel_text: TextFeatures
+    cache: TrunkCache | None = None
+    """The trunk cache behind the clients' and test sets' features (close() deletes its disk files)."""
 
 
-def build_federation(config: ExperimentConfig, log_fn=print) -> Federation:
-    """Load data, split classes, partition clients, build the backbone and cache trunk features."""
+def build_federation(config: ExperimentConfig, log_fn=print, run_dir: str | Path | None = None) -> Federation:
+    """Load data, split classes, partition clients, build the backbone and cache trunk features.
+
+    ``run_dir``: where the trunk cache's disk store goes (``<run_dir>/cache`` unless cache.dir is set).
+    """
     splits = load_dataset(config.dataset, config.data, seed=config.seed)
     classes = class_split(config, splits)
     parts = client_indices(config, splits, classes)
@@ -231,11 +242,15 @@ def build_federation(config: ExperimentConfig, log_fn=print) -> Federation:
     )
     template = config.backbone_options.template
     base_text = prompt_features(backbone, classes.base_names, template)
+    cache = TrunkCache(
+        config.cache, backbone, config.data.image_size, config.data.invert, run_dir=run_dir, log_fn=log_fn
+    )
     clients = [
-        build_client_data(backbone, config, splits, classes, k, idx, base_text) for k, idx in enumerate(parts)
+        build_client_data(backbone, config, splits, classes, k, idx, base_text, cache) for k, idx in enumerate(parts)
     ]
     client_classes = [sorted(set(c.labels.tolist())) for c in clients]
-    eval_set = build_eval_set(backbone, config, splits, classes, client_classes)
+    eval_set = build_eval_set(backbone, config, splits, classes, client_classes, cache)
+    log_fn(cache.describe())
     return Federation(
         config=config,
         backbone=backbone,
@@ -244,4 +259,5 @@ def build_federation(config: ExperimentConfig, log_fn=print) -> Federation:
         eval_set=eval_set,
         base_text=base_text,
         novel_text=prompt_features(backbone, classes.novel_names, template),
+        cache=cache,
     )

@@ -101,7 +101,9 @@ class LiteBackbone(Backbone):
         logit_scale: float = 100.0,
     ) -> None:
         super().__init__()
-        self.image_net = _load_efficientnet_lite0()
+        # channels_last: oneDNN's depthwise convolutions (and their backward) run ~3x faster in it on CPU,
+        # which makes a cached-trunk training step ~1.3x faster (benchmarks/cache_speed.py).
+        self.image_net = _load_efficientnet_lite0().to(memory_format=torch.channels_last)
         self.text_net, self.tokenizer = _load_minilm()
         self.bridge_top_k = bridge_top_k
         self.bridge_temperature = bridge_temperature
@@ -131,14 +133,14 @@ class LiteBackbone(Backbone):
     # ----- image tower ---------------------------------------------------------------------------
     def image_trunk(self, pixels: torch.Tensor) -> torch.Tensor:
         net = self.image_net
-        x = net._swish(net._bn0(net._conv_stem(pixels)))
+        x = net._swish(net._bn0(net._conv_stem(pixels.contiguous(memory_format=torch.channels_last))))
         for block in net._blocks[: self.image_start_block]:
             x = block(x)  # drop-connect is a training-time op; towers stay in eval mode
         return x
 
     def image_tail(self, feats: torch.Tensor) -> torch.Tensor:
         net = self.image_net
-        x = feats
+        x = feats.contiguous(memory_format=torch.channels_last)
         for block in net._blocks[self.image_start_block :]:
             x = block(x)
         x = net._swish(net._bn1(net._conv_head(x)))

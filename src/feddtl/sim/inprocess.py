@@ -6,8 +6,6 @@ equivalent to separate processes (the Flower engine runs the same functions acro
 
 from __future__ import annotations
 
-import platform
-import resource
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -28,6 +26,17 @@ from feddtl.methods.base import Method, ServerContext
 from feddtl.reporting.plots import plot_run
 from feddtl.rundir import RunDir
 from feddtl.sim.robust import RoundFailed, collect_updates, update_spec
+from feddtl.sim.accounting import (
+    MemoryMeter,
+    communication_summary,
+    current_rss_mb,
+    peak_rss_mb,
+    phase_summary,
+    round_communication,
+    tensor_bytes,
+)
+
+__all__ = ["peak_rss_mb", "run_experiment", "run_rounds", "tensor_bytes"]
 
 
 def client_seed(seed: int, round_num: int, client_id: int) -> int:
@@ -42,22 +51,6 @@ def select_clients(config: ExperimentConfig, round_num: int) -> list[int]:
         return list(range(k))
     rng = np.random.default_rng([config.seed, round_num, 17])
     return sorted(rng.choice(k, size=m, replace=False).tolist())
-
-
-def tensor_bytes(obj: Any) -> int:
-    """Bytes of the tensors inside a message (what a wire format would carry, headers aside)."""
-    if isinstance(obj, torch.Tensor):
-        return obj.numel() * obj.element_size()
-    if isinstance(obj, dict):
-        return sum(tensor_bytes(v) for v in obj.values())
-    if isinstance(obj, (ClientTask, ClientUpdate)):
-        return sum(tensor_bytes(v) for v in vars(obj).values())
-    return 0
-
-
-def peak_rss_mb() -> float:
-    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return kb / 1024.0 if platform.system() == "Linux" else kb / 1024.0 / 1024.0
 
 
 def mean_client_metrics(updates: Sequence[ClientUpdate]) -> dict[str, float]:
@@ -81,6 +74,7 @@ def run_rounds(
     log_fn: Callable[[str], None] = print,
     start_round: int = 1,
     rows: list[dict[str, Any]] | None = None,
+    meter: MemoryMeter | None = None,
 ) -> list[dict[str, Any]]:
     """The federated loop from ``start_round`` (after ``rows``, the rows of the rounds before it);
     appends one metrics row per round to the run directory and checkpoints as configured.
@@ -89,6 +83,7 @@ def run_rounds(
     writes a checkpoint of the previous round and raises RoundFailed.
     """
     config = fed.config
+    meter = meter or MemoryMeter()
     rows = list(rows or [])
     bar = tqdm(total=(config.rounds - start_round + 1) * len(select_clients(config, 1)), disable=not progress,
                desc="client steps", unit="step", leave=False)
@@ -97,6 +92,7 @@ def run_rounds(
         task = method.make_task(t)
         row["stage"] = task.stage
         selected = select_clients(config, t)
+        meter.start_phase()
         start = time.perf_counter()
 
         def step(k: int, t: int = t, task: ClientTask = task) -> ClientUpdate:
@@ -113,23 +109,29 @@ def run_rounds(
             raise
         updates = outcome.updates
         row["time_client_s"] = time.perf_counter() - start
+        row["rss_peak_client_mb"] = meter.end_phase()
         row["clients"] = selected
         row.update(outcome.metrics())
-        row["bytes_down"] = tensor_bytes(task) * outcome.asks
-        row["bytes_up"] = sum(tensor_bytes(u) for u in outcome.received)
+        # every ask (retries included) downloads the task; every update received, valid or not, was uploaded
+        row.update(round_communication(task, outcome.received, asks=outcome.asks))
         row.update(mean_client_metrics(updates))
+        meter.start_phase()
         start = time.perf_counter()
         row.update(method.server_update(updates, t))
         row["time_server_s"] = time.perf_counter() - start
+        row["rss_peak_server_mb"] = meter.end_phase()
         if t % config.eval.every == 0 or t == config.rounds:
+            meter.start_phase()
             start = time.perf_counter()
             row.update(evaluate_method(fed, method))
             row["time_eval_s"] = time.perf_counter() - start
+            row["rss_peak_eval_mb"] = meter.end_phase()
             log_fn(
                 f"round {t:>3}/{config.rounds} [{task.stage}] base {row['base_acc']:.2f}  novel {row['novel_acc']:.2f}  "
                 f"hm {row['hm']:.2f}  local {row['local_acc']:.2f}"
             )
-        row["peak_rss_mb"] = peak_rss_mb()
+        row["rss_mb"] = current_rss_mb()
+        row["peak_rss_mb"] = meter.run_peak()
         run.append_metrics(row)
         rows.append(row)
         if checkpoint_due(t, config.rounds, config.checkpoint.every):
@@ -160,15 +162,18 @@ def run_experiment(
     """
     started = time.perf_counter()
     torch.set_num_threads(max(1, torch.get_num_threads()))
+    meter = MemoryMeter()
     run = RunDir(out_dir)
     checkpoint = load_checkpoint(run.path, config) if resume else None  # before the slow setup: fail fast
     if checkpoint is None:
         remove_checkpoint(run.path)
         run.reset_metrics()
     run.write_config(config)
+    meter.start_phase()
     if fed is None:
-        fed = build_federation(config, log_fn=log_fn)
+        fed = build_federation(config, log_fn=log_fn, run_dir=run.path)
     setup_s = time.perf_counter() - started
+    setup_peak = meter.end_phase()
     method = build_method(fed)
     rows: list[dict[str, Any]] = []
     if method.trains:
@@ -181,7 +186,9 @@ def run_experiment(
             log_fn(f"resuming {run.path} after round {checkpoint.round} of {config.rounds}")
         elif resume:
             log_fn(f"{run.path} has no checkpoint: starting at round 1")
-        rows = run_rounds(fed, method, run, progress=progress, log_fn=log_fn, start_round=start_round, rows=rows)
+        rows = run_rounds(
+            fed, method, run, progress=progress, log_fn=log_fn, start_round=start_round, rows=rows, meter=meter
+        )
         final = {k: rows[-1][k] for k in ("base_acc", "novel_acc", "hm", "local_acc", "local_acc_per_client")}
         if "per_domain_acc" in rows[-1]:
             final["per_domain_acc"] = rows[-1]["per_domain_acc"]
@@ -201,10 +208,17 @@ def run_experiment(
         "bytes_up_total": sum(r.get("bytes_up", 0) for r in rows),
         "bytes_down_total": sum(r.get("bytes_down", 0) for r in rows),
         "backbone_param_bytes": fed.backbone.parameter_bytes(),
+        **communication_summary(rows, fed.backbone.parameter_bytes()),
         "setup_s": setup_s,
+        **phase_summary(rows),
+        "rss_peak_setup_mb": setup_peak,
+        "peak_rss_mb": meter.run_peak(),
+        "cache": fed.cache.summary() if fed.cache is not None else None,
         "wall_s": time.perf_counter() - started,
         "feddtl_version": feddtl.__version__,
     }
+    if fed.cache is not None:
+        fed.cache.close()  # the disk store (if any) is per run: its files go now
     run.write_results(results)
     run.save_weights(method.state_dict())
     plot_run(run.read_metrics(), run.path, title=f"{config.method} on {config.dataset}")

@@ -1,0 +1,37 @@
+"""benchmarks/cache_speed.py measures what it says on a tiny CLIP (a smoke test of the script's code path)."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never touch the network
+
+from feddtl.backbones.hf_clip import HFClipBackbone
+from feddtl.backbones.lora_config import LoraConfig
+from feddtl.backbones.tiny_clip import build_tiny_clip
+
+SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "cache_speed.py"
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location("cache_speed", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_measure_times_both_paths_and_cleans_up(tmp_path):
+    # prepare
+    bench = _load_script()
+    backbone = HFClipBackbone(str(build_tiny_clip(tmp_path / "clip", image_size=32)))
+    backbone.add_lora(LoraConfig())
+    # execute
+    row = bench.measure(backbone, 32, batch_size=8, workdir=tmp_path / "work", min_time=0.0, max_steps=2, repeats=2)
+    # assert
+    # min_time 0: one timed step after the warm-up, per turn
+    assert row["cached_steps"] == row["uncached_steps"] == 2
+    assert row["cached_img_s"] > 0 and row["uncached_img_s"] > 0 and row["fill_img_s"] > 0
+    assert row["ratio"] == row["cached_img_s"] / row["uncached_img_s"]
+    assert not (tmp_path / "work" / "cache").exists()
