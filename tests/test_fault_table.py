@@ -29,16 +29,10 @@ from feddtl.cli import main as cli_main
 from feddtl.config import ConfigError, load_config
 from feddtl.data import DataConfig, DatasetError, load_dataset
 from feddtl.federation import build_federation, class_split, client_indices
-from feddtl.rundir import RunDir
+from feddtl.rundir import RunDir, result_fields
 from feddtl.sim.inprocess import build_method, run_experiment, run_rounds
 from feddtl.sim.robust import RoundFailed
 
-TIMING = ("wall_s", "setup_s", "peak_rss_mb")
-
-
-def _stable(row: dict) -> dict:
-    """A metrics row without timing fields (they differ between any two runs)."""
-    return {k: v for k, v in row.items() if k not in TIMING and not k.startswith("time_")}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -128,7 +122,7 @@ def test_round_fault_excludes_the_client_and_keeps_every_round(
     on_disk = RunDir(tmp_path).read_metrics()
     assert [r["round"] for r in on_disk] == [1, 2]
     assert on_disk[-1]["base_acc"] is not None
-    assert _stable(on_disk[0]) == _stable(baseline[0])
+    assert result_fields(on_disk[0]) == result_fields(baseline[0])
 
 
 def test_retry_recovers_the_round_exactly(bundle, base_overrides, baseline, tmp_path):
@@ -142,8 +136,8 @@ def test_retry_recovers_the_round_exactly(bundle, base_overrides, baseline, tmp_
     assert [(e["client"], e["attempt"]) for e in last["failed"]] == [(0, 0), (1, 0)]
     assert last["accepted"] == [0, 1, 2]
     ignore = {"failed", "retries", "bytes_down"}
-    assert {k: v for k, v in _stable(last).items() if k not in ignore} == {
-        k: v for k, v in _stable(baseline[-1]).items() if k not in ignore
+    assert {k: v for k, v in result_fields(last).items() if k not in ignore} == {
+        k: v for k, v in result_fields(baseline[-1]).items() if k not in ignore
     }
 
 
@@ -156,7 +150,7 @@ def test_too_few_clients_stop_the_run_with_a_resumable_checkpoint(bundle, base_o
     # assert: the message names each failure; round 1 is on disk, intact, and in the checkpoint
     assert "client 2: raised InjectedFault" in str(info.value) and info.value.round == 2
     on_disk = RunDir(tmp_path).read_metrics()
-    assert [_stable(r) for r in on_disk] == [_stable(baseline[0])]
+    assert [result_fields(r) for r in on_disk] == [result_fields(baseline[0])]
     checkpoint = load_checkpoint(tmp_path, load_run_config(tmp_path))
     assert checkpoint is not None and checkpoint.round == 1 and len(checkpoint.rows) == 1
 

@@ -214,6 +214,7 @@ def run_experiment(
         "rss_peak_setup_mb": setup_peak,
         "peak_rss_mb": meter.run_peak(),
         "cache": fed.cache.summary() if fed.cache is not None else None,
+        "time_cache_build_s": fed.cache.build_s if fed.cache is not None else None,
         "wall_s": time.perf_counter() - started,
         "feddtl_version": feddtl.__version__,
     }
