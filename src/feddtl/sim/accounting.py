@@ -116,6 +116,14 @@ def current_rss_mb() -> float | None:
 
 def peak_rss_mb() -> float:
     """The process's peak RSS since start (or since the last high-water-mark reset)."""
+    # Linux: VmHWM, not getrusage, whose maxrss carries over the parent's peak across fork + exec.
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except (OSError, ValueError, IndexError):
+        pass
     kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return kb / 1024.0 if platform.system() == "Linux" else kb / 1024.0 / 1024.0
 
@@ -133,9 +141,8 @@ def _reset_high_water_mark() -> bool:
 class MemoryMeter:
     """Peak RSS per phase of a run, plus the peak over the whole run.
 
-    On Linux each phase resets the kernel's high-water mark, so a phase's peak is its own; the run's
-    peak is kept here (the reset also resets getrusage's figure). Elsewhere a phase's peak is the
-    process peak so far.
+    On Linux each phase resets the kernel's high-water mark (VmHWM), so a phase's peak is its own;
+    the run's peak is kept here. Elsewhere a phase's peak is the process peak so far.
     """
 
     def __init__(self) -> None:
