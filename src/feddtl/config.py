@@ -261,13 +261,18 @@ def available_presets() -> list[str]:
     return sorted(p.stem for p in preset_dir().glob("*.toml"))
 
 
+def find_toml(name_or_path: str, folder: Path) -> Path | None:
+    """A TOML file by path, or by name (without .toml) in ``folder``; None if neither exists."""
+    for path in (Path(name_or_path), folder / f"{name_or_path}.toml"):
+        if path.is_file():
+            return path
+    return None
+
+
 def resolve_config_path(name_or_path: str) -> Path:
-    path = Path(name_or_path)
-    if path.is_file():
+    path = find_toml(name_or_path, preset_dir())
+    if path is not None:
         return path
-    preset = preset_dir() / f"{name_or_path}.toml"
-    if preset.is_file():
-        return preset
     raise ConfigError(
         f"config {name_or_path!r} is neither a file nor a preset; presets: {', '.join(available_presets())}"
     )

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from feddtl.config import ConfigError, ExperimentConfig, _toml_value, load_config, to_toml
+from feddtl.config import ConfigError, ExperimentConfig, _toml_value, find_toml, load_config, to_toml
 from feddtl.methods import available_methods
 
 
@@ -156,12 +156,9 @@ def _expand(value: Any, missing: set[str]) -> Any:
 
 
 def resolve_suite_path(name_or_path: str) -> Path:
-    path = Path(name_or_path)
-    if path.is_file():
+    path = find_toml(name_or_path, suite_dir())
+    if path is not None:
         return path
-    named = suite_dir() / f"{name_or_path}.toml"
-    if named.is_file():
-        return named
     raise SuiteError(f"suite {name_or_path!r} is neither a file nor a named suite; named suites: {', '.join(available_suites())}")
 
 

@@ -14,7 +14,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, get_args
 
 import numpy as np
 import torch
@@ -23,21 +23,10 @@ from feddtl.algorithm.messages import ClientTask, ClientUpdate
 from feddtl.algorithm.validation import UpdateSpec, update_norm, validate_update
 from feddtl.config import ExperimentConfig
 from feddtl.federation import Federation
-from feddtl.sim.robust_config import FaultConfig
+from feddtl.sim.robust_config import FaultConfig, FaultMode
 
-CORRUPTIONS = (
-    "nan_lora",
-    "inf_embeddings",
-    "bad_shape",
-    "bad_keys",
-    "huge_norm",
-    "bad_embed_dim",
-    "bad_labels",
-    "too_many_embeddings",
-    "unnormalised",
-    "bad_num_samples",
-    "wrong_client_id",
-)
+# Fault modes that corrupt a finished update (the others make the client fail to answer).
+CORRUPTIONS = tuple(m for m in get_args(FaultMode) if m not in ("none", "raise", "timeout", "slow", "drop"))
 
 
 class RoundFailed(RuntimeError):
