@@ -7,28 +7,53 @@ import os
 import sys
 from pathlib import Path
 
-from feddtl.config import ConfigError, available_presets, load_config
+from feddtl.config import ConfigError, ExperimentConfig, available_presets, load_config
+
+
+def _run_target(args: argparse.Namespace) -> tuple[ExperimentConfig, str]:
+    """(config, run directory) of `feddtl run`, fresh or resumed."""
+    from feddtl.checkpoint import load_run_config
+
+    if args.resume is None:
+        if args.out is None:
+            raise ConfigError("feddtl run needs --out DIR (or --resume DIR to continue a stopped run)")
+        return load_config(args.config, args.set or []), args.out
+    if args.config is not None:
+        raise ConfigError("--config cannot be combined with --resume: a resumed run keeps the config.toml of its directory")
+    if args.out is not None and Path(args.out).resolve() != Path(args.resume).resolve():
+        raise ConfigError("--out must be left out with --resume (the run continues in its own directory)")
+    return load_run_config(args.resume, args.set or []), args.resume
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    from feddtl.backbones.base import BackboneError
+    from feddtl.checkpoint import CheckpointError
     from feddtl.data import DatasetError
     from feddtl.sim.inprocess import run_experiment
+    from feddtl.sim.robust import RoundFailed
 
     try:
-        config = load_config(args.config, args.set or [])
+        config, out = _run_target(args)
     except ConfigError as exc:
         print(f"feddtl: config error: {exc}", file=sys.stderr)
         return 2
     log = (lambda s: None) if args.quiet else (lambda s: print(s, flush=True))
     try:
-        results = run_experiment(config, args.out, progress=not args.quiet, log_fn=log)
-    except (ConfigError, DatasetError) as exc:
+        results = run_experiment(config, out, progress=not args.quiet, log_fn=log, resume=args.resume is not None)
+    except RoundFailed as exc:
+        print(
+            f"feddtl: {exc}. The run stopped with a checkpoint after round {exc.round - 1}; continue it with "
+            f"`feddtl run --resume {out}` (robustness.* and faults.* may be changed with --set)",
+            file=sys.stderr,
+        )
+        return 3
+    except (ConfigError, DatasetError, BackboneError, CheckpointError) as exc:
         print(f"feddtl: {exc}", file=sys.stderr)
         return 2
     print(
         f"{results['method']} on {results['dataset']} ({results['partition']}, {results['rounds']} rounds): "
         f"Base {results['base_acc']:.2f}  Novel {results['novel_acc']:.2f}  HM {results['hm']:.2f}  "
-        f"Local {results['local_acc']:.2f}  [{results['wall_s']:.0f} s] -> {args.out}"
+        f"Local {results['local_acc']:.2f}  [{results['wall_s']:.0f} s] -> {out}"
     )
     return 0
 
@@ -57,18 +82,67 @@ def _cmd_presets(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from feddtl.bench.runner import run_suite
+    from feddtl.bench.suite import SuiteError, load_suite
+
+    try:
+        suite = load_suite(args.suite)
+        counts = run_suite(suite, args.out, seeds=args.seeds, jobs=args.jobs, log_fn=lambda s: print(s, flush=True))
+    except SuiteError as exc:
+        print(f"feddtl bench: {exc}", file=sys.stderr)
+        return 2
+    print(
+        f"suite {suite.name}: {counts['cells']} cells, {counts['finished_before']} already finished, "
+        f"{counts['ran']} ran now, {counts['failed']} unfinished -> {Path(args.out) / 'table.md'}"
+    )
+    return 0 if counts["failed"] == 0 else 1
+
+
+def _cmd_bench_report(args: argparse.Namespace) -> int:
+    from feddtl.bench.report import write_report
+
+    try:
+        written = write_report(args.dir)
+    except FileNotFoundError as exc:
+        print(f"feddtl bench-report: {exc}", file=sys.stderr)
+        return 2
+    print("\n".join(str(p) for p in written))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="feddtl", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="run one experiment into a run directory")
+    run = sub.add_parser(
+        "run",
+        help="run one experiment into a run directory",
+        epilog="exit status: 0 done, 2 bad config / data / checkpoint, 3 stopped on failing clients (resumable)",
+    )
     run.add_argument("--config", default=None, help="TOML file or preset name (see `feddtl presets`)")
     run.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
-    run.add_argument("--out", required=True, help="run directory to write")
+    run.add_argument("--out", default=None, help="run directory to write")
+    run.add_argument(
+        "--resume",
+        metavar="DIR",
+        default=None,
+        help="continue the stopped run in DIR from its last checkpoint (its config.toml is used; --set may "
+        "change only robustness.*, faults.*, checkpoint.*)",
+    )
     run.add_argument("--quiet", action="store_true", help="no progress bar or per-round lines")
     run.set_defaults(func=_cmd_run)
     report = sub.add_parser("report", help="print a results table of finished run directories")
     report.add_argument("dirs", nargs="+")
     report.set_defaults(func=_cmd_report)
+    bench = sub.add_parser("bench", help="run a benchmark suite (methods x scenarios x seeds), resumable")
+    bench.add_argument("--suite", required=True, help="suite name (smoke, paper-lite, paper-clip) or TOML path")
+    bench.add_argument("--out", required=True, help="output folder; finished cells in it are skipped")
+    bench.add_argument("--seeds", type=int, default=None, help="seeds per cell (default: the suite's)")
+    bench.add_argument("--jobs", type=int, default=1, help="worker processes at once (default 1)")
+    bench.set_defaults(func=_cmd_bench)
+    bench_report = sub.add_parser("bench-report", help="rebuild a suite's table and plots from its output folder")
+    bench_report.add_argument("dir")
+    bench_report.set_defaults(func=_cmd_bench_report)
     sub.add_parser("methods", help="list methods").set_defaults(func=_cmd_methods)
     sub.add_parser("presets", help="list preset configs").set_defaults(func=_cmd_presets)
     return parser

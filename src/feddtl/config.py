@@ -19,7 +19,10 @@ from feddtl.algorithm.grpo_config import GRPOConfig
 from feddtl.algorithm.server_config import ServerConfig
 from feddtl.backbones.lora_config import LoraConfig
 from feddtl.cache.cache_config import CacheConfig
+from feddtl.checkpoint_config import CheckpointConfig
 from feddtl.data.data_config import DataConfig
+from feddtl.methods.promptfl_config import PromptConfig
+from feddtl.sim.robust_config import FaultConfig, RobustnessConfig
 
 
 class ConfigError(ValueError):
@@ -60,8 +63,9 @@ class ExperimentConfig:
     """Dataset name (fashion-mnist, mnist5k, digits) or imagefolder:<path>."""
     backbone: str = "lite"
     """"lite" (offline default) or "hf-clip:<hub id or local path>"."""
-    partition: Literal["iid", "dirichlet", "pathological"] = "pathological"
-    """Label skew across clients over the base classes."""
+    partition: Literal["iid", "dirichlet", "pathological", "domain", "domain-dirichlet"] = "pathological"
+    """Label skew across clients over the base classes; "domain" (whole domains per client) and
+    "domain-dirichlet" (domains x Dir(alpha)) are feature shift, for datasets with domains (digits-domains)."""
     num_clients: int = 5
     """K, the number of clients (paper: 5)."""
     shots: int | None = 16
@@ -88,8 +92,12 @@ class ExperimentConfig:
     client: ClientConfig = field(default_factory=ClientConfig)
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
+    prompt: PromptConfig = field(default_factory=PromptConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    robustness: RobustnessConfig = field(default_factory=RobustnessConfig)
+    faults: FaultConfig = field(default_factory=FaultConfig)
 
     @property
     def switch_round(self) -> int:
@@ -137,11 +145,18 @@ class ExperimentConfig:
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
-        for section in (self.data, self.lora, self.client, self.grpo, self.server, self.cache):
+        for section in (
+            self.data, self.lora, self.client, self.grpo, self.server, self.prompt, self.cache, self.checkpoint,
+            self.robustness,
+        ):
             try:
                 section.validate()
             except ValueError as exc:
                 raise ConfigError(str(exc)) from None
+        try:
+            self.faults.validate(self.num_clients, self.rounds, self.robustness, self.client)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -157,6 +172,8 @@ def _type_name(tp: Any) -> str:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
     if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
         return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if typing.get_origin(tp) is list:
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
     if tp is type(None):
         return "none"
     return getattr(tp, "__name__", str(tp))
@@ -177,6 +194,11 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
             except ConfigError:
                 continue
         raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list of {_type_name(item_tp)}, got {value!r}")
+        return [_coerce(f"{key}[{i}]", v, item_tp) for i, v in enumerate(value)]
     if origin is Literal:
         if value not in typing.get_args(tp):
             raise ConfigError(f"{key}={value!r} is not allowed; allowed: {_type_name(tp)[len('one of ') :]}")
@@ -239,13 +261,18 @@ def available_presets() -> list[str]:
     return sorted(p.stem for p in preset_dir().glob("*.toml"))
 
 
+def find_toml(name_or_path: str, folder: Path) -> Path | None:
+    """A TOML file by path, or by name (without .toml) in ``folder``; None if neither exists."""
+    for path in (Path(name_or_path), folder / f"{name_or_path}.toml"):
+        if path.is_file():
+            return path
+    return None
+
+
 def resolve_config_path(name_or_path: str) -> Path:
-    path = Path(name_or_path)
-    if path.is_file():
+    path = find_toml(name_or_path, preset_dir())
+    if path is not None:
         return path
-    preset = preset_dir() / f"{name_or_path}.toml"
-    if preset.is_file():
-        return preset
     raise ConfigError(
         f"config {name_or_path!r} is neither a file nor a preset; presets: {', '.join(available_presets())}"
     )
@@ -282,6 +309,8 @@ def _toml_value(value: Any) -> str:
         return repr(value)
     if isinstance(value, str):
         return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     raise TypeError(f"cannot write {value!r} to TOML")
 
 

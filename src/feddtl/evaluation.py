@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -29,6 +30,12 @@ class EvalSet:
     """(N_n,) novel-class indices."""
     client_classes: list[list[int]]
     """Base-class indices present in each client's training data."""
+    domain_names: list[str] | None = None
+    """Feature-shift datasets: the domains' names; None for datasets without domains."""
+    base_domains: torch.Tensor | None = None
+    """(N_b,) domain id of each base test image (with ``domain_names``)."""
+    novel_domains: torch.Tensor | None = None
+    """(N_n,) domain id of each novel test image (with ``domain_names``)."""
 
 
 def harmonic_mean(base: float, novel: float) -> float:
@@ -58,8 +65,9 @@ def local_accuracy(base_logits: torch.Tensor, labels: torch.Tensor, client_class
 @torch.no_grad()
 def evaluate(
     backbone: Backbone, eval_set: EvalSet, base_T: torch.Tensor, novel_T: torch.Tensor, batch_size: int
-) -> dict[str, float | list[float]]:
-    """Base / Novel / Local accuracy and HM (percent) of the model loaded in ``backbone``."""
+) -> dict[str, Any]:
+    """Base / Novel / Local accuracy and HM (percent) of the model loaded in ``backbone``; with domains,
+    also ``per_domain_acc`` (domain -> base / novel / hm)."""
     zb = image_embeddings(backbone, eval_set.base_features, batch_size)
     zn = image_embeddings(backbone, eval_set.novel_features, batch_size)
     base_logits = zb @ base_T.T
@@ -68,10 +76,30 @@ def evaluate(
     novel_acc = accuracy(novel_logits, eval_set.novel_labels)
     per_client = local_accuracy(base_logits, eval_set.base_labels, eval_set.client_classes)
     valid = [a for a in per_client if a == a]
-    return {
+    out: dict[str, Any] = {
         "base_acc": base_acc,
         "novel_acc": novel_acc,
         "hm": harmonic_mean(base_acc, novel_acc),
         "local_acc": sum(valid) / len(valid) if valid else float("nan"),
         "local_acc_per_client": per_client,
     }
+    if eval_set.domain_names is not None and eval_set.base_domains is not None and eval_set.novel_domains is not None:
+        out["per_domain_acc"] = per_domain_accuracy(
+            base_logits, eval_set.base_labels, eval_set.base_domains,
+            novel_logits, eval_set.novel_labels, eval_set.novel_domains, eval_set.domain_names,
+        )
+    return out
+
+
+def per_domain_accuracy(
+    base_logits: torch.Tensor, base_labels: torch.Tensor, base_domains: torch.Tensor,
+    novel_logits: torch.Tensor, novel_labels: torch.Tensor, novel_domains: torch.Tensor, names: Sequence[str],
+) -> dict[str, dict[str, float]]:
+    """Per domain: Base and Novel accuracy on that domain's test images, and their HM."""
+    out = {}
+    for d, name in enumerate(names):
+        b_mask, n_mask = base_domains == d, novel_domains == d
+        b = accuracy(base_logits[b_mask], base_labels[b_mask])
+        n = accuracy(novel_logits[n_mask], novel_labels[n_mask])
+        out[name] = {"base": b, "novel": n, "hm": harmonic_mean(b, n) if b == b and n == n else float("nan")}
+    return out

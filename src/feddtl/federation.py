@@ -36,7 +36,10 @@ def make_backbone(config: ExperimentConfig) -> Backbone:
     """The configured backbone with LoRA on both tails, on the configured device."""
     torch.manual_seed(config.seed)
     backbone = build_backbone(config.backbone, config.data.image_size, config.backbone_options)
-    backbone.add_lora(config.lora)
+    try:
+        backbone.add_lora(config.lora)
+    except ValueError as exc:  # lora.*_start_block out of range for this backbone
+        raise ConfigError(str(exc)) from None
     return backbone.to(resolve_device(config.device))
 
 
@@ -102,14 +105,24 @@ def client_indices(config: ExperimentConfig, splits: DatasetSplits, classes: Cla
             raise ConfigError(
                 f"classes_per_client={config.classes_per_client} exceeds the {len(classes.base)} base classes"
             )
-    parts = partition_indices(
-        labels[pool],
-        config.num_clients,
-        config.partition,
-        seed=config.seed,
-        alpha=config.alpha,
-        classes_per_client=config.classes_per_client,
-    )
+    try:
+        if config.partition.startswith("domain"):
+            parts = _domain_parts(config, splits, pool)
+        else:
+            parts = partition_indices(
+                labels[pool],
+                config.num_clients,
+                config.partition,
+                seed=config.seed,
+                alpha=config.alpha,
+                classes_per_client=config.classes_per_client,
+            )
+    except ValueError as exc:  # e.g. no Dirichlet draw gives every client an image: a config problem
+        if isinstance(exc, ConfigError):
+            raise
+        raise ConfigError(
+            f"cannot partition {len(pool)} base-class images among {config.num_clients} clients: {exc}"
+        ) from None
     out = []
     for k, part in enumerate(parts):
         idx = pool[part]
@@ -125,6 +138,25 @@ def client_indices(config: ExperimentConfig, splits: DatasetSplits, classes: Cla
             )
         out.append(idx)
     return out
+
+
+def _domain_parts(config: ExperimentConfig, splits: DatasetSplits, pool: np.ndarray) -> list[np.ndarray]:
+    """Feature-shift partition of the base-class pool (positions into ``pool``)."""
+    from feddtl.data.domains import domain_partition
+
+    train = splits.train
+    if train.domains is None or train.domain_names is None:
+        raise ConfigError(
+            f"partition={config.partition!r} needs a dataset with domains (e.g. digits-domains); "
+            f"{config.dataset!r} has none"
+        )
+    try:
+        return domain_partition(
+            train.labels[pool], train.domains[pool], len(train.domain_names), config.num_clients,
+            config.partition, seed=config.seed, alpha=config.alpha,
+        )
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def to_base_index(labels: np.ndarray, classes: list[int]) -> torch.Tensor:
@@ -159,6 +191,7 @@ def build_eval_set(
 ) -> EvalSet:
     labels = splits.test.labels
     sets = []
+    domain_ids = []
     for name, group in (("test-base", classes.base), ("test-novel", classes.novel)):
         idx = np.flatnonzero(np.isin(labels, group))
         if config.data.test_per_class is not None:
@@ -167,8 +200,15 @@ def build_eval_set(
             name, splits.test, idx
         )
         sets.append((features, to_base_index(labels[idx], group)))
+        if splits.test.domains is not None:
+            domain_ids.append(torch.from_numpy(splits.test.domains[idx]))
     (bf, bl), (nf, nl) = sets
-    return EvalSet(base_features=bf, base_labels=bl, novel_features=nf, novel_labels=nl, client_classes=client_classes)
+    domains = {}
+    if domain_ids:
+        domains = {"domain_names": splits.test.domain_names, "base_domains": domain_ids[0], "novel_domains": domain_ids[1]}
+    return EvalSet(
+        base_features=bf, base_labels=bl, novel_features=nf, novel_labels=nl, client_classes=client_classes, **domains
+    )
 
 
 @dataclass

@@ -28,6 +28,16 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+MACHINE_FIELDS = ("wall_s", "setup_s")
+"""results.json / metrics.jsonl fields that describe the machine, not the run (with time_* and *rss*)."""
+
+
+def result_fields(row: dict[str, Any]) -> dict[str, Any]:
+    """``row`` without its wall-time and memory measurements: what must be equal between two runs of
+    the same config and seed (resumed or not, cached or not)."""
+    return {k: v for k, v in row.items() if k not in MACHINE_FIELDS and not k.startswith("time_") and "rss" not in k}
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     """Write then rename, so a crash never leaves a half-written file."""
     tmp = path.with_name(path.name + ".tmp")
@@ -55,6 +65,10 @@ class RunDir:
             f.write(json.dumps(_jsonable(row)) + "\n")
             f.flush()
             os.fsync(f.fileno())
+
+    def write_metrics(self, rows: list[dict[str, Any]]) -> None:
+        """Replace metrics.jsonl with ``rows`` (atomically): a resumed run drops rows past its checkpoint."""
+        atomic_write_text(self.metrics_path, "".join(json.dumps(_jsonable(r)) + "\n" for r in rows))
 
     def read_metrics(self) -> list[dict[str, Any]]:
         if not self.metrics_path.exists():

@@ -8,7 +8,7 @@ image LoRA, its sample count, and L2-normalised image embeddings of its training
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,6 +20,7 @@ from feddtl.algorithm.encoding import TrunkFeatures, image_embeddings, image_fea
 from feddtl.algorithm.grpo import class_logits, grpo_loss, hybrid_reference_logprobs, sample_actions
 from feddtl.algorithm.grpo_config import GRPOConfig
 from feddtl.algorithm.messages import ClientTask, ClientUpdate
+from feddtl.algorithm.prototypes import class_prototypes
 from feddtl.backbones.base import Backbone, TextFeatures
 
 
@@ -52,10 +53,22 @@ def _mean_metrics(rows: list[dict[str, float]]) -> dict[str, float]:
     return {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
 
 
+ClassEmbeddings = torch.Tensor | Callable[[], torch.Tensor]
+"""Fixed class text embeddings T (C, D), or a function that recomputes T with grad at every step
+(for methods whose clients also train the text side: FedLoRA, PromptFL)."""
+
+
+def _class_embeddings_fn(class_embeddings: ClassEmbeddings, device: torch.device) -> Callable[[], torch.Tensor]:
+    if callable(class_embeddings):
+        return class_embeddings
+    T = class_embeddings.to(device)
+    return lambda: T
+
+
 def sft_epochs(
     backbone: Backbone,
     data: ClientData,
-    class_embeddings: torch.Tensor,
+    class_embeddings: ClassEmbeddings,
     params: list[torch.nn.Parameter],
     epochs: int,
     config: ClientConfig,
@@ -63,10 +76,11 @@ def sft_epochs(
 ) -> dict[str, float]:
     """Stage 1: cross-entropy of softmax(s <f_v(x), t_c>) over the base classes."""
     optimizer = torch.optim.Adam(params, lr=config.lr)
-    T = class_embeddings.to(next(backbone.parameters()).device)
+    text_fn = _class_embeddings_fn(class_embeddings, next(backbone.parameters()).device)
     rows = []
     for _ in range(epochs):
         for idx in minibatches(len(data), config.batch_size, generator):
+            T = text_fn()
             z = F.normalize(image_features(backbone, data.features[idx]), dim=-1)
             logits = class_logits(z, T, backbone.logit_scale)
             labels = data.labels[idx].to(logits.device)
@@ -82,6 +96,72 @@ def sft_epochs(
 def _all_logits(backbone: Backbone, data: ClientData, T: torch.Tensor, batch_size: int) -> torch.Tensor:
     z = image_embeddings(backbone, data.features, batch_size)
     return class_logits(z, T.cpu(), backbone.logit_scale)
+
+
+def rl_reference_logprobs(
+    backbone: Backbone,
+    data: ClientData,
+    task: ClientTask,
+    batch_size: int,
+    grpo: GRPOConfig,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(pi_old, hybrid reference) log-probabilities (N, C) of every local image, with T fixed.
+
+    The received global LoRA must be loaded: it is both pi_old and the "latest global" half of the
+    reference; the other half is the end-of-SFT image LoRA (``task.sft_reference_lora``).
+    """
+    T = task.class_embeddings
+    global_logits = _all_logits(backbone, data, T, batch_size)
+    old_logprobs = torch.log_softmax(global_logits, dim=-1)
+    if task.sft_reference_lora is not None and grpo.ref_mix > 0:
+        backbone.load_image_lora(task.sft_reference_lora)
+        sft_logits = _all_logits(backbone, data, T, batch_size)
+        backbone.load_image_lora(task.image_lora)
+    else:
+        sft_logits = global_logits
+    return old_logprobs, hybrid_reference_logprobs(sft_logits, global_logits, grpo.ref_mix)
+
+
+def rl_loop(
+    backbone: Backbone,
+    data: ClientData,
+    class_embeddings: ClassEmbeddings,
+    old_logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor,
+    params: list[torch.nn.Parameter],
+    epochs: int,
+    config: ClientConfig,
+    grpo: GRPOConfig,
+    generator: torch.Generator,
+) -> dict[str, float]:
+    """The GRPO epochs themselves, given pi_old's and the reference's log-probabilities per image.
+
+    Actions are sampled with T detached; the policy's logits use T as given (with grad when
+    ``class_embeddings`` is a function, so the text side gets the RL gradient too).
+    """
+    device = next(backbone.parameters()).device
+    text_fn = _class_embeddings_fn(class_embeddings, device)
+    optimizer = torch.optim.Adam(params, lr=config.lr)
+    rows = []
+    for _ in range(epochs):
+        for idx in minibatches(len(data), config.batch_size, generator):
+            T = text_fn()
+            u = image_features(backbone, data.features[idx])
+            actions = sample_actions(u.detach(), T.detach(), backbone.logit_scale, grpo, generator)
+            logits = class_logits(F.normalize(u, dim=-1), T, backbone.logit_scale)
+            loss, diag = grpo_loss(
+                logits,
+                old_logprobs[idx].to(device),
+                ref_logprobs[idx].to(device),
+                actions,
+                data.labels[idx].to(device),
+                grpo,
+            )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            rows.append({"loss": loss.item(), **vars(diag)})
+    return _mean_metrics(rows)
 
 
 def rl_epochs(
@@ -100,40 +180,10 @@ def rl_epochs(
     and its clip act across the local epochs. The reference mixes the end-of-SFT model's and the
     latest global model's output distributions.
     """
-    T = task.class_embeddings
-    device = next(backbone.parameters()).device
-    # The received global LoRA is loaded: it is both pi_old and the "latest global" half of the reference.
-    global_logits = _all_logits(backbone, data, T, config.batch_size)
-    old_logprobs = torch.log_softmax(global_logits, dim=-1)
-    if task.sft_reference_lora is not None and grpo.ref_mix > 0:
-        backbone.load_image_lora(task.sft_reference_lora)
-        sft_logits = _all_logits(backbone, data, T, config.batch_size)
-        backbone.load_image_lora(task.image_lora)
-    else:
-        sft_logits = global_logits
-    ref_logprobs = hybrid_reference_logprobs(sft_logits, global_logits, grpo.ref_mix)
-
-    optimizer = torch.optim.Adam(params, lr=config.lr)
-    T = T.to(device)
-    rows = []
-    for _ in range(epochs):
-        for idx in minibatches(len(data), config.batch_size, generator):
-            u = image_features(backbone, data.features[idx])
-            actions = sample_actions(u.detach(), T, backbone.logit_scale, grpo, generator)
-            logits = class_logits(F.normalize(u, dim=-1), T, backbone.logit_scale)
-            loss, diag = grpo_loss(
-                logits,
-                old_logprobs[idx].to(device),
-                ref_logprobs[idx].to(device),
-                actions,
-                data.labels[idx].to(device),
-                grpo,
-            )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            rows.append({"loss": loss.item(), **vars(diag)})
-    return _mean_metrics(rows)
+    old_logprobs, ref_logprobs = rl_reference_logprobs(backbone, data, task, config.batch_size, grpo)
+    return rl_loop(
+        backbone, data, task.class_embeddings, old_logprobs, ref_logprobs, params, epochs, config, grpo, generator
+    )
 
 
 def capped_upload_index(labels: torch.Tensor, cap: int | None, generator: torch.Generator) -> torch.Tensor:
@@ -166,12 +216,17 @@ def client_step(
     else:
         metrics = rl_epochs(backbone, data, task, params, config.rl_epochs, config, grpo, generator)
     index = capped_upload_index(data.labels, config.upload_cap_per_class, generator)
-    embeddings = image_embeddings(backbone, data.features, config.batch_size, index)
+    if config.upload == "prototypes":
+        # One mean embedding per class, over all local images: the cap does not apply.
+        embeddings, labels = class_prototypes(image_embeddings(backbone, data.features, config.batch_size), data.labels)
+    else:
+        embeddings = image_embeddings(backbone, data.features, config.batch_size, index)
+        labels = data.labels[index].clone()
     return ClientUpdate(
         client_id=data.client_id,
         num_samples=len(data),
         image_lora=backbone.image_lora_state(),
         embeddings=embeddings,
-        labels=data.labels[index].clone(),
+        labels=labels,
         metrics=metrics,
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 
 @dataclass
@@ -23,6 +24,11 @@ class ClientConfig:
     upload_cap_per_class: int | None = 64
     """At most this many image embeddings per class are uploaded per round (seeded subsample);
     None uploads all. Few-shot clients with fewer images per class upload everything."""
+    upload: Literal["embeddings", "prototypes"] = "embeddings"
+    """What a client uploads for the server's text step: "embeddings" (one L2-normalised embedding per
+    uploaded image, as the paper does: they reveal information about the client's images) or
+    "prototypes" (only the per-class mean of its images' normalised embeddings, renormalised: one vector
+    per class it holds). See README, "Reliability", and BENCHMARKS.md for the accuracy cost."""
 
     def validate(self) -> None:
         if self.lr <= 0:

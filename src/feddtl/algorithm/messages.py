@@ -27,6 +27,8 @@ class ClientTask:
     with the latest global model. None in SFT rounds."""
     text_lora: dict[str, torch.Tensor] | None = None
     """Global text LoRA, for methods whose clients train the text tower too (FedLoRA-style baselines)."""
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)
+    """Method-specific tensors (e.g. PromptFL's context vectors and prompt token ids). Empty for FedDTL."""
 
 
 @dataclass
@@ -44,3 +46,5 @@ class ClientUpdate:
     metrics: dict[str, float] = field(default_factory=dict)
     text_lora: dict[str, torch.Tensor] | None = None
     """Local text LoRA, only for methods whose clients train the text tower."""
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)
+    """Method-specific tensors (e.g. PromptFL's trained context vectors). Empty for FedDTL."""

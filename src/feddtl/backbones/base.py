@@ -17,6 +17,10 @@ from torch import nn
 from feddtl.backbones.lora import inject_lora, load_lora_state, lora_parameters, lora_state_dict
 from feddtl.backbones.lora_config import LoraConfig
 
+class BackboneError(RuntimeError):
+    """A backbone cannot be built (missing weights or packages); the message says how to fix it."""
+
+
 TextFeatures = dict[str, torch.Tensor]
 """Trunk output of the text tower for a batch of prompts: tensors whose first dimension is the prompt."""
 
@@ -73,6 +77,18 @@ class Backbone(nn.Module, abc.ABC):
     @abc.abstractmethod
     def text_tail(self, feats: TextFeatures) -> torch.Tensor:
         """Trainable part of the text tower: trunk features -> unnormalised embedding (P, D)."""
+
+    # ----- text tower from input embeddings (prompt learning) ----------------------------------
+    def text_token_embeddings(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The text tower's word (token) embeddings of ``input_ids`` (P, S, H), without positions."""
+        raise NotImplementedError(f"backbone {self.info.name!r} does not support prompt learning")
+
+    def text_from_token_embeddings(self, embeds: torch.Tensor, tokens: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The whole text tower (trunk and tail, with grad) from word embeddings (P, S, H) that may hold
+        learned context vectors in place of some tokens; ``tokens`` are the prompts' ``tokenize`` output
+        (masks, and the ids some towers pool by). ``text_from_token_embeddings(text_token_embeddings(ids),
+        tokens)`` equals ``text_tail(text_trunk(tokens))``: positions are added inside, as usual."""
+        raise NotImplementedError(f"backbone {self.info.name!r} does not support prompt learning")
 
     # ----- LoRA --------------------------------------------------------------------------------
     @abc.abstractmethod

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from feddtl.backbones.base import Backbone, BackboneInfo, TextFeatures
+from feddtl.backbones.base import Backbone, BackboneError, BackboneInfo, TextFeatures
 from feddtl.backbones.lite import run_layer
 
 CLIP_IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -44,7 +44,7 @@ def _load_clip(path_or_id: str, attn_implementation: str) -> tuple[nn.Module, ob
         tokenizer = CLIPTokenizer.from_pretrained(source, **kwargs)
     except Exception as exc:  # OSError, HF validation/network errors: all mean "no usable weights"
         where = f"local directory {str(local)!r}" if is_dir else f"{path_or_id!r}"
-        raise RuntimeError(
+        raise BackboneError(
             f"hf-clip backbone: the CLIP weights/tokenizer for {where} could not be found locally or "
             f"downloaded ({type(exc).__name__}: {exc}). Fix: pass a local directory that holds a "
             "CLIPModel saved with save_pretrained (config.json, model.safetensors, tokenizer files), or "
@@ -142,6 +142,21 @@ class HFClipBackbone(Backbone):
             eos_pos = (ids == text.eos_token_id).int().argmax(dim=-1)
         pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), eos_pos]
         return self.model.text_projection(pooled)
+
+    def text_token_embeddings(self, input_ids: torch.Tensor) -> torch.Tensor:
+        text = self.model.text_model
+        return text.embeddings.token_embedding(input_ids.to(text.embeddings.token_embedding.weight.device))
+
+    def text_from_token_embeddings(self, embeds: torch.Tensor, tokens: dict[str, torch.Tensor]) -> torch.Tensor:
+        text = self.model.text_model
+        input_ids = tokens["input_ids"].to(embeds.device)
+        mask = tokens.get("attention_mask")
+        mask = torch.ones_like(input_ids) if mask is None else mask.to(embeds.device)
+        hidden = text.embeddings(inputs_embeds=embeds)  # + position embeddings
+        mask4d = causal_padding_mask_4d(mask, hidden.dtype)
+        for layer in text.encoder.layers[: self.text_start_block]:
+            hidden = run_layer(layer, hidden, mask4d)
+        return self.text_tail({"hidden": hidden, "attention_mask": mask, "input_ids": input_ids})
 
     # ----- LoRA ------------------------------------------------------------------------------------
     def lora_targets(self, image_start: int, text_start: int) -> tuple[list[str], list[str]]:

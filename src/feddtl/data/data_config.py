@@ -24,6 +24,10 @@ class DataConfig:
     """Cap on test images per class used in evaluation (None: all). The subsample is seeded and
     applied by `load_dataset` to the returned test split."""
 
+    verify_images: bool = True
+    """imagefolder datasets: decode every image once at load time and skip unreadable files with a
+    warning (an error if a class is left without images). False: a bad file fails when it is first used."""
+
     def validate(self) -> None:
         """Raise ValueError naming the offending key and its allowed values."""
         if not isinstance(self.fashion_mnist_dir, str) or not self.fashion_mnist_dir:

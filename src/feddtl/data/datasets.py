@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import gzip
+import logging
 import os
 import struct
 from dataclasses import dataclass
@@ -15,6 +16,8 @@ from PIL import Image
 
 from .data_config import DataConfig
 from .partition import cap_per_class, stratified_split
+
+log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 IMAGEFOLDER_PREFIX = "imagefolder:"
@@ -49,12 +52,27 @@ class ImageDataset:
         *,
         images: np.ndarray | None = None,
         paths: Sequence[str] | None = None,
+        domains: np.ndarray | None = None,
+        domain_names: Sequence[str] | None = None,
     ) -> None:
-        """Give exactly one of `images` (uint8, (N, H, W) grey or (N, H, W, 3) RGB) or `paths`."""
+        """Give exactly one of `images` (uint8, (N, H, W) grey or (N, H, W, 3) RGB) or `paths`.
+
+        `domains` (optional, with `domain_names`): each sample's domain id, for feature-shift data."""
         if (images is None) == (paths is None):
             raise ValueError("ImageDataset needs exactly one of images= or paths=")
         self.labels: np.ndarray = np.asarray(labels, dtype=np.int64).reshape(-1)
         self.classnames: list[str] = list(classnames)
+        self.domains: np.ndarray | None = None
+        self.domain_names: list[str] | None = None
+        if (domains is None) != (domain_names is None):
+            raise ValueError("ImageDataset needs both domains= and domain_names=, or neither")
+        if domains is not None:
+            self.domains = np.asarray(domains, dtype=np.int64).reshape(-1)
+            self.domain_names = list(domain_names)  # type: ignore[arg-type]
+            if len(self.domains) != len(self.labels):
+                raise ValueError(f"{len(self.domains)} domain ids but {len(self.labels)} labels")
+            if len(self.domains) and (self.domains.min() < 0 or self.domains.max() >= len(self.domain_names)):
+                raise ValueError(f"domain ids must lie in [0, {len(self.domain_names)})")
         self._images: np.ndarray | None = None
         self._paths: list[str] | None = None
         if images is not None:
@@ -73,7 +91,7 @@ class ImageDataset:
         if n != len(self.labels):
             raise ValueError(f"{n} images but {len(self.labels)} labels")
         if len(self.labels) and (self.labels.min() < 0 or self.labels.max() >= len(self.classnames)):
-            raise ValueError(
+            raise DatasetError(
                 f"labels must lie in [0, {len(self.classnames)}), got "
                 f"[{self.labels.min()}, {self.labels.max()}]"
             )
@@ -108,9 +126,10 @@ class ImageDataset:
     def subset(self, indices: Sequence[int] | np.ndarray) -> "ImageDataset":
         """The images at `indices` (same class names; pixels shared for in-memory data)."""
         idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        dom = {} if self.domains is None else {"domains": self.domains[idx], "domain_names": self.domain_names}
         if self._images is not None:
-            return ImageDataset(self.labels[idx], self.classnames, images=self._images[idx])
-        return ImageDataset(self.labels[idx], self.classnames, paths=[self._paths[i] for i in idx])  # type: ignore[index]
+            return ImageDataset(self.labels[idx], self.classnames, images=self._images[idx], **dom)
+        return ImageDataset(self.labels[idx], self.classnames, paths=[self._paths[i] for i in idx], **dom)  # type: ignore[index]
 
 
 @dataclass
@@ -240,8 +259,39 @@ def _image_files(folder: Path) -> list[Path]:
     return sorted(files, key=lambda p: p.relative_to(folder).as_posix())
 
 
-def _scan_imagefolder(root: Path, classes: list[str] | None = None) -> tuple[list[str], list[str], np.ndarray]:
-    """(folder names, file paths, labels) of one class-per-folder tree."""
+def _unreadable(path: Path) -> str | None:
+    """Why the image file cannot be decoded, or None if it can (the whole image is decoded)."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+        return f"{type(err).__name__}: {err}"
+    return None
+
+
+def _readable_files(folder: Path, files: list[Path]) -> list[Path]:
+    """``files`` without the ones that cannot be decoded, with one warning naming those skipped."""
+    bad = [(f, why) for f in files if (why := _unreadable(f)) is not None]
+    if bad:
+        shown = "; ".join(f"{f} ({why})" for f, why in bad[:3])
+        log.warning(
+            "imagefolder: skipped %d unreadable image(s) of %d in %s: %s%s",
+            len(bad), len(files), folder, shown, " ..." if len(bad) > 3 else "",
+        )
+        if len(bad) == len(files):
+            raise DatasetError(
+                f"imagefolder: class folder {folder}: none of its {len(files)} image(s) can be read "
+                f"(first: {bad[0][0]}: {bad[0][1]}); replace the files or remove the folder"
+            )
+    skipped = {f for f, _ in bad}
+    return [f for f in files if f not in skipped]
+
+
+def _scan_imagefolder(
+    root: Path, classes: list[str] | None = None, verify: bool = True
+) -> tuple[list[str], list[str], np.ndarray]:
+    """(folder names, file paths, labels) of one class-per-folder tree; with ``verify`` every image is
+    decoded once and unreadable files are skipped with a warning (an error if a class is left empty)."""
     folders = _class_folders(root)
     if not folders:
         raise DatasetError(
@@ -265,6 +315,8 @@ def _scan_imagefolder(root: Path, classes: list[str] | None = None) -> tuple[lis
                 f"imagefolder: class folder {folder} holds no images (accepted extensions: "
                 f"{' '.join(IMAGE_EXTENSIONS)}, any case); add images or remove the folder"
             )
+        if verify:
+            files = _readable_files(folder, files)
         paths.extend(str(p) for p in files)
         labels.extend([label] * len(files))
     return names, paths, np.asarray(labels, dtype=np.int64)
@@ -278,13 +330,13 @@ def _load_imagefolder(name: str, path: str, config: DataConfig, seed: int) -> Da
             f"sub-folder of images per class (optionally under <path>/train and <path>/test)"
         )
     if (root / "train").is_dir() and (root / "test").is_dir():
-        names, train_paths, train_labels = _scan_imagefolder(root / "train")
-        _, test_paths, test_labels = _scan_imagefolder(root / "test", classes=names)
+        names, train_paths, train_labels = _scan_imagefolder(root / "train", verify=config.verify_images)
+        _, test_paths, test_labels = _scan_imagefolder(root / "test", classes=names, verify=config.verify_images)
         classnames = [n.replace("_", " ") for n in names]
         train = ImageDataset(train_labels, classnames, paths=train_paths)
         test = ImageDataset(test_labels, classnames, paths=test_paths)
         return _with_test_cap(name, train, test, config, seed)
-    names, paths, labels = _scan_imagefolder(root)
+    names, paths, labels = _scan_imagefolder(root, verify=config.verify_images)
     full = ImageDataset(labels, [n.replace("_", " ") for n in names], paths=paths)
     train_idx, test_idx = stratified_split(labels, config.test_fraction, seed)
     return _with_test_cap(name, full.subset(train_idx), full.subset(test_idx), config, seed)
@@ -297,7 +349,14 @@ DATASETS: dict[str, Loader] = {
     "fashion-mnist": _load_fashion_mnist,
     "mnist5k": _load_mnist5k,
     "digits": _load_digits,
+    "digits-domains": lambda config, seed: _load_digit_domains(config, seed),
 }
+
+
+def _load_digit_domains(config: DataConfig, seed: int) -> DatasetSplits:
+    from .domains import load_digit_domains  # imported here: domains imports this module
+
+    return load_digit_domains(config, seed)
 
 
 def available_datasets() -> list[str]:
@@ -308,11 +367,35 @@ def available_datasets() -> list[str]:
 def load_dataset(name: str, config: DataConfig, seed: int) -> DatasetSplits:
     """Load `name` (a registered name or `imagefolder:<path>`) into seeded train/test splits."""
     config.validate()
+    if name.startswith("imagefolder-domains:"):
+        from .domains import load_imagefolder_domains
+
+        return load_imagefolder_domains(name, name[len("imagefolder-domains:"):], config, seed)
     if name.startswith(IMAGEFOLDER_PREFIX):
-        return _load_imagefolder(name, name[len(IMAGEFOLDER_PREFIX):], config, seed)
+        return check_classes(_load_imagefolder(name, name[len(IMAGEFOLDER_PREFIX):], config, seed))
     if name not in DATASETS:
         raise DatasetError(
             f"unknown dataset {name!r}; available: {', '.join(available_datasets())}, or "
-            f"{IMAGEFOLDER_PREFIX}<path> for a folder with one sub-folder of images per class"
+            f"{IMAGEFOLDER_PREFIX}<path> for a folder with one sub-folder of images per class, or "
+            f"imagefolder-domains:<path> for one such folder per domain"
         )
-    return DATASETS[name](config, seed)
+    return check_classes(DATASETS[name](config, seed))
+
+
+def check_classes(splits: DatasetSplits) -> DatasetSplits:
+    """The class list must match the labels: unique names, and every class in both splits."""
+    names = splits.classnames
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise DatasetError(f"{splits.name}: duplicate class names {duplicates}; each class needs its own name")
+    if splits.test.classnames != names:
+        raise DatasetError(f"{splits.name}: the train and test splits have different class lists")
+    for split, ds in (("train", splits.train), ("test", splits.test)):
+        counts = np.bincount(ds.labels, minlength=len(names))
+        empty = [names[c] for c in np.flatnonzero(counts == 0)]
+        if empty:
+            raise DatasetError(
+                f"{splits.name}: the class list does not match the labels: {len(empty)} class(es) have no "
+                f"{split} images: {empty[:5]}"
+            )
+    return splits

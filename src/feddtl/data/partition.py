@@ -81,8 +81,8 @@ def _dirichlet(
     raise ValueError(
         f"dirichlet partition: no draw in {MAX_DIRICHLET_ATTEMPTS} attempts gave every one of "
         f"{num_clients} clients at least {min_partition_size} samples (alpha={alpha}, "
-        f"{len(labels)} samples); raise partition.alpha, lower partition.num_clients or "
-        f"partition.min_partition_size"
+        f"{len(labels)} samples); raise alpha, lower num_clients or "
+        f"min_partition_size"
     )
 
 
@@ -105,21 +105,21 @@ def _pathological(
     classes = np.unique(labels)
     n_classes = len(classes)
     if classes_per_client < 1:
-        raise ValueError(f"partition.classes_per_client must be >= 1, got {classes_per_client}")
+        raise ValueError(f"classes_per_client must be >= 1, got {classes_per_client}")
     if classes_per_client > n_classes:
         raise ValueError(
-            f"partition.classes_per_client={classes_per_client} exceeds the {n_classes} classes present"
+            f"classes_per_client={classes_per_client} exceeds the {n_classes} classes present"
         )
     if num_clients > n_classes:
         raise ValueError(
-            f"partition.num_clients={num_clients}: more clients than classes ({n_classes}) in "
+            f"num_clients={num_clients}: more clients than classes ({n_classes}) in "
             f"pathological mode; use fewer clients or the dirichlet / iid scheme"
         )
     if num_clients * classes_per_client < n_classes:
         # Otherwise some classes would belong to nobody and the result would not be a partition.
         raise ValueError(
             f"pathological partition: {num_clients} clients x {classes_per_client} classes each "
-            f"cannot cover the {n_classes} classes present; set partition.classes_per_client >= "
+            f"cannot cover the {n_classes} classes present; set classes_per_client >= "
             f"{math.ceil(n_classes / num_clients)}"
         )
     held = _pathological_classes(n_classes, num_clients, classes_per_client)
@@ -157,11 +157,11 @@ def partition(
     if scheme not in PARTITION_SCHEMES:
         raise ValueError(f"partition.scheme must be one of {list(PARTITION_SCHEMES)}, got {scheme!r}")
     if isinstance(num_clients, bool) or not isinstance(num_clients, (int, np.integer)) or num_clients < 1:
-        raise ValueError(f"partition.num_clients must be an integer >= 1, got {num_clients!r}")
+        raise ValueError(f"num_clients must be an integer >= 1, got {num_clients!r}")
     if not alpha > 0:
-        raise ValueError(f"partition.alpha must be > 0, got {alpha}")
+        raise ValueError(f"alpha must be > 0, got {alpha}")
     if min_partition_size < 0:
-        raise ValueError(f"partition.min_partition_size must be >= 0, got {min_partition_size}")
+        raise ValueError(f"min_partition_size must be >= 0, got {min_partition_size}")
     if num_clients * min_partition_size > len(labels):
         raise ValueError(
             f"cannot give {num_clients} clients at least {min_partition_size} samples each from "
@@ -179,7 +179,7 @@ def partition(
     if smallest < min_partition_size:
         raise ValueError(
             f"{scheme} partition left a client with {smallest} samples, below "
-            f"partition.min_partition_size={min_partition_size}"
+            f"min_partition_size={min_partition_size}"
         )
     return parts
 

@@ -7,6 +7,10 @@ from importlib import import_module
 # name -> "module:Class", imported lazily so the config module can list names without torch work.
 _REGISTRY: dict[str, str] = {
     "feddtl": "feddtl.methods.feddtl:FedDTL",
+    "feddtl-decoupled": "feddtl.methods.feddtl_decoupled:FedDTLDecoupled",
+    "feddtl-twostage": "feddtl.methods.feddtl_twostage:FedDTLTwoStage",
+    "fedlora": "feddtl.methods.fedlora:FedLoRA",
+    "promptfl": "feddtl.methods.promptfl:PromptFL",
     "zeroshot": "feddtl.methods.zeroshot:ZeroShot",
 }
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import abc
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -28,6 +29,10 @@ class ServerContext:
     """Cached text-trunk features of the base-class prompts."""
     novel_text: TextFeatures
     """Cached text-trunk features of the novel-class prompts."""
+    base_names: list[str] | None = None
+    """Base class names (public), for methods that build their own prompts (PromptFL)."""
+    novel_names: list[str] | None = None
+    """Novel class names (public)."""
 
 
 class Method(abc.ABC):
@@ -64,3 +69,18 @@ class Method(abc.ABC):
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Global tensors worth saving (final weights, checkpoints)."""
         return {}
+
+    def checkpoint_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """Everything the server side needs to continue after the current round: tensors (weights,
+        optimiser moments, generator states; saved as safetensors) and JSON-able metadata.
+
+        A resumed run must continue exactly as the uninterrupted one would. The default saves the
+        ``state_dict`` only, which is enough to keep the weights but not to resume.
+        """
+        return self.state_dict(), {}
+
+    def load_checkpoint_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        """Restore what ``checkpoint_state`` returned, into a freshly built method."""
+        raise NotImplementedError(
+            f"method {self.name!r} cannot resume from a checkpoint (it does not implement load_checkpoint_state)"
+        )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -12,6 +13,7 @@ from feddtl.algorithm.server import aggregate_image_lora, class_embeddings, pool
 from feddtl.backbones.base import Backbone
 from feddtl.config import ExperimentConfig
 from feddtl.methods.base import Method, ServerContext
+from feddtl.methods.state import load_optimizer_state, optimizer_state, prefixed, unprefixed
 
 
 class FedDTL(Method):
@@ -75,3 +77,25 @@ class FedDTL(Method):
             **{f"image.{k}": v for k, v in self.image_lora.items()},
             **{f"text.{k}": v for k, v in self.backbone.text_lora_state().items()},
         }
+
+    def checkpoint_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        opt_tensors, opt_meta = optimizer_state(self.text_optimizer)
+        tensors = {
+            **prefixed(self.image_lora, "image"),
+            **prefixed(self.backbone.text_lora_state(), "text"),
+            **prefixed(opt_tensors, "text_adam"),
+            "generator": self.generator.get_state(),
+        }
+        if self.sft_reference is not None:
+            tensors.update(prefixed(self.sft_reference, "sft_reference"))
+        return tensors, {"text_adam": opt_meta, "has_sft_reference": self.sft_reference is not None}
+
+    def load_checkpoint_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        order = list(self.image_lora)
+        self.image_lora = unprefixed(tensors, "image", order)
+        self.backbone.load_image_lora(self.image_lora)  # checks shapes against the model
+        self.backbone.load_text_lora(unprefixed(tensors, "text"))
+        load_optimizer_state(self.text_optimizer, unprefixed(tensors, "text_adam"), meta["text_adam"])
+        self.generator.set_state(tensors["generator"])
+        self.sft_reference = unprefixed(tensors, "sft_reference", order) if meta["has_sft_reference"] else None
+        self.base_T = class_embeddings(self.backbone, self.ctx.base_text)

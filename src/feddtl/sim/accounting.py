@@ -45,21 +45,25 @@ def _sum_parts(parts: Sequence[dict[str, int]]) -> dict[str, int]:
     return out
 
 
-def round_communication(task: ClientTask, updates: Sequence[ClientUpdate]) -> dict[str, Any]:
+def round_communication(
+    task: ClientTask, updates: Sequence[ClientUpdate], asks: int | None = None
+) -> dict[str, Any]:
     """One round's traffic: totals (all selected clients), per client, and per message field.
 
-    Every selected client receives the same task; each sends one update.
+    Every ask (``asks``, default one per update; retries ask again) receives the same task; each
+    update received was uploaded.
     """
     n = len(updates)
+    asks = n if asks is None else asks
     down = tensor_bytes(task)
     up = [tensor_bytes(u) for u in updates]
     return {
-        "bytes_down": down * n,
+        "bytes_down": down * asks,
         "bytes_up": sum(up),
         "bytes_down_per_client": down,
         "bytes_up_per_client": sum(up) / n if n else 0.0,
         "bytes_up_max_client": max(up, default=0),
-        "bytes_down_parts": {k: v * n for k, v in message_parts(task).items()},
+        "bytes_down_parts": {k: v * asks for k, v in message_parts(task).items()},
         "bytes_up_parts": _sum_parts([message_parts(u) for u in updates]),
     }
 

@@ -16,7 +16,8 @@ import torch
 from tqdm import tqdm
 
 import feddtl
-from feddtl.algorithm.messages import ClientUpdate
+from feddtl.algorithm.messages import ClientTask, ClientUpdate
+from feddtl.checkpoint import checkpoint_due, load_checkpoint, remove_checkpoint, restore_checkpoint, save_checkpoint
 from feddtl.config import ExperimentConfig
 from feddtl.evaluation import evaluate
 from feddtl.federation import Federation, build_federation
@@ -24,6 +25,7 @@ from feddtl.methods import get_method
 from feddtl.methods.base import Method, ServerContext
 from feddtl.reporting.plots import plot_run
 from feddtl.rundir import RunDir
+from feddtl.sim.robust import RoundFailed, collect_updates, update_spec
 from feddtl.sim.accounting import (
     MemoryMeter,
     communication_summary,
@@ -57,7 +59,10 @@ def mean_client_metrics(updates: Sequence[ClientUpdate]) -> dict[str, float]:
 
 
 def build_method(fed: Federation) -> Method:
-    ctx = ServerContext(backbone=fed.backbone, config=fed.config, base_text=fed.base_text, novel_text=fed.novel_text)
+    ctx = ServerContext(
+        backbone=fed.backbone, config=fed.config, base_text=fed.base_text, novel_text=fed.novel_text,
+        base_names=fed.classes.base_names, novel_names=fed.classes.novel_names,
+    )
     return get_method(fed.config.method)(ctx)
 
 
@@ -67,30 +72,48 @@ def run_rounds(
     run: RunDir,
     progress: bool = True,
     log_fn: Callable[[str], None] = print,
+    start_round: int = 1,
+    rows: list[dict[str, Any]] | None = None,
     meter: MemoryMeter | None = None,
 ) -> list[dict[str, Any]]:
-    """The federated loop; appends one metrics row per round to the run directory."""
+    """The federated loop from ``start_round`` (after ``rows``, the rows of the rounds before it);
+    appends one metrics row per round to the run directory and checkpoints as configured.
+
+    Failing clients and rejected updates are handled by sim.robust; a round with too few answers
+    writes a checkpoint of the previous round and raises RoundFailed.
+    """
     config = fed.config
     meter = meter or MemoryMeter()
-    rows: list[dict[str, Any]] = []
-    bar = tqdm(total=config.rounds * len(select_clients(config, 1)), disable=not progress, desc="client steps",
-               unit="step", leave=False)
-    for t in range(1, config.rounds + 1):
+    rows = list(rows or [])
+    bar = tqdm(total=(config.rounds - start_round + 1) * len(select_clients(config, 1)), disable=not progress,
+               desc="client steps", unit="step", leave=False)
+    for t in range(start_round, config.rounds + 1):
         row: dict[str, Any] = {"round": t}
         task = method.make_task(t)
         row["stage"] = task.stage
         selected = select_clients(config, t)
-        updates: list[ClientUpdate] = []
         meter.start_phase()
         start = time.perf_counter()
-        for k in selected:
+
+        def step(k: int, t: int = t, task: ClientTask = task) -> ClientUpdate:
             bar.set_description(f"round {t}/{config.rounds} [{task.stage}] client {k}")
-            updates.append(method.client_step(fed.backbone, fed.clients[k], task, config, client_seed(config.seed, t, k)))
-            bar.update(1)
+            return method.client_step(fed.backbone, fed.clients[k], task, config, client_seed(config.seed, t, k))
+
+        try:
+            outcome = collect_updates(
+                task, selected, t, step, lambda k, task=task: update_spec(fed, task, k), config, lambda: bar.update(1)
+            )
+        except RoundFailed:
+            bar.close()
+            save_checkpoint(run.path, t - 1, method, rows, config)
+            raise
+        updates = outcome.updates
         row["time_client_s"] = time.perf_counter() - start
         row["rss_peak_client_mb"] = meter.end_phase()
         row["clients"] = selected
-        row.update(round_communication(task, updates))
+        row.update(outcome.metrics())
+        # every ask (retries included) downloads the task; every update received, valid or not, was uploaded
+        row.update(round_communication(task, outcome.received, asks=outcome.asks))
         row.update(mean_client_metrics(updates))
         meter.start_phase()
         start = time.perf_counter()
@@ -111,6 +134,8 @@ def run_rounds(
         row["peak_rss_mb"] = meter.run_peak()
         run.append_metrics(row)
         rows.append(row)
+        if checkpoint_due(t, config.rounds, config.checkpoint.every):
+            save_checkpoint(run.path, t, method, rows, config)
     bar.close()
     return rows
 
@@ -121,24 +146,52 @@ def evaluate_method(fed: Federation, method: Method) -> dict[str, Any]:
 
 
 def run_experiment(
-    config: ExperimentConfig, out_dir: str | Path, progress: bool = True, log_fn: Callable[[str], None] = print
+    config: ExperimentConfig,
+    out_dir: str | Path,
+    progress: bool = True,
+    log_fn: Callable[[str], None] = print,
+    fed: Federation | None = None,
+    resume: bool = False,
 ) -> dict[str, Any]:
-    """Run one experiment in process and write its run directory; returns results.json's content."""
+    """Run one experiment in process and write its run directory; returns results.json's content.
+
+    ``fed``: an already built federation for this config (the bench reuses one across methods, with
+    the backbone's LoRA reset to its initial state); None builds it.
+    ``resume``: continue the run in ``out_dir`` from its checkpoint (``config`` must be its config.toml,
+    see checkpoint.load_run_config); the metrics rows past the checkpoint are dropped and recomputed.
+    """
     started = time.perf_counter()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     meter = MemoryMeter()
     run = RunDir(out_dir)
+    checkpoint = load_checkpoint(run.path, config) if resume else None  # before the slow setup: fail fast
+    if checkpoint is None:
+        remove_checkpoint(run.path)
+        run.reset_metrics()
     run.write_config(config)
-    run.reset_metrics()
     meter.start_phase()
-    fed = build_federation(config, log_fn=log_fn, run_dir=run.path)
+    if fed is None:
+        fed = build_federation(config, log_fn=log_fn, run_dir=run.path)
     setup_s = time.perf_counter() - started
     setup_peak = meter.end_phase()
     method = build_method(fed)
     rows: list[dict[str, Any]] = []
     if method.trains:
-        rows = run_rounds(fed, method, run, progress=progress, log_fn=log_fn, meter=meter)
+        start_round = 1
+        if checkpoint is not None:
+            restore_checkpoint(checkpoint, method)
+            rows = checkpoint.rows
+            run.write_metrics(rows)
+            start_round = checkpoint.round + 1
+            log_fn(f"resuming {run.path} after round {checkpoint.round} of {config.rounds}")
+        elif resume:
+            log_fn(f"{run.path} has no checkpoint: starting at round 1")
+        rows = run_rounds(
+            fed, method, run, progress=progress, log_fn=log_fn, start_round=start_round, rows=rows, meter=meter
+        )
         final = {k: rows[-1][k] for k in ("base_acc", "novel_acc", "hm", "local_acc", "local_acc_per_client")}
+        if "per_domain_acc" in rows[-1]:
+            final["per_domain_acc"] = rows[-1]["per_domain_acc"]
     else:
         final = evaluate_method(fed, method)
         run.append_metrics({"round": 0, **final})
@@ -161,6 +214,7 @@ def run_experiment(
         "rss_peak_setup_mb": setup_peak,
         "peak_rss_mb": meter.run_peak(),
         "cache": fed.cache.summary() if fed.cache is not None else None,
+        "time_cache_build_s": fed.cache.build_s if fed.cache is not None else None,
         "wall_s": time.perf_counter() - started,
         "feddtl_version": feddtl.__version__,
     }

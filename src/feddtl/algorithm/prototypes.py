@@ -1,0 +1,20 @@
+"""Class prototypes: what a client uploads instead of per-image embeddings when client.upload = "prototypes".
+
+A prototype is the mean of a class's L2-normalised image embeddings, renormalised to unit length. It
+reveals far less about individual images than the embeddings themselves (one vector per class instead of
+one per image), at an accuracy cost measured in BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def class_prototypes(embeddings: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(P, D) unit-norm per-class means and their (P,) labels, one per distinct label, labels sorted."""
+    if embeddings.ndim != 2 or labels.ndim != 1 or len(embeddings) != len(labels):
+        raise ValueError(f"expected (N, D) embeddings and (N,) labels, got {tuple(embeddings.shape)} and {tuple(labels.shape)}")
+    classes = torch.unique(labels)  # sorted
+    means = torch.stack([F.normalize(embeddings[labels == c], dim=-1).mean(0) for c in classes]) if len(classes) else embeddings[:0]
+    return F.normalize(means, dim=-1), classes.to(torch.long)

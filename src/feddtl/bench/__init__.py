@@ -1,0 +1,1 @@
+"""Benchmark suites: methods x scenarios x seeds, run resumably in parallel, tabulated and plotted."""

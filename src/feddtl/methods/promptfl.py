@@ -1,0 +1,119 @@
+"""PromptFL: CoOp-style learnable context vectors in the text tower's input, trained locally, FedAvg.
+
+Every class prompt is "[V_1] ... [V_n] {class}." where the V_i are shared learnable word-embedding
+vectors, initialised from the token embeddings of ``prompt.ctx_init`` ("a photo of a"), so round 0
+is the zero-shot model. Only the context vectors train (both towers' weights and LoRA stay as
+shipped); the server averages them by sample count. The text tower runs whole (trunk and tail) from
+the input embeddings, with grad to the context.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from feddtl.algorithm.aggregation import weighted_average
+from feddtl.algorithm.client import ClientData, sft_epochs
+from feddtl.algorithm.messages import ClientTask, ClientUpdate
+from feddtl.backbones.base import Backbone
+from feddtl.config import ExperimentConfig
+from feddtl.methods.base import Method, ServerContext
+
+
+def prompt_tokens(backbone: Backbone, ctx_init: str, classnames: list[str]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Tokens of "<ctx_init> {class}." per class, and the initial context (n_ctx, H).
+
+    The context occupies token positions 1..n_ctx (after the begin-of-text token) in every prompt;
+    this is checked, so a tokenizer that merges across the boundary fails loudly.
+    """
+    init = backbone.tokenize([ctx_init])
+    n_ctx = int(init["attention_mask"][0].sum()) - 2  # minus begin- and end-of-text tokens
+    if n_ctx < 1:
+        raise ValueError(f"prompt.ctx_init={ctx_init!r} tokenizes to no words")
+    ctx_ids = init["input_ids"][0, 1 : 1 + n_ctx]
+    tokens = backbone.tokenize([f"{ctx_init} {name}." for name in classnames])
+    if not torch.equal(tokens["input_ids"][:, 1 : 1 + n_ctx], ctx_ids.expand(len(classnames), -1)):
+        raise ValueError(f"prompts do not start with the tokens of prompt.ctx_init={ctx_init!r}")
+    device = next(backbone.parameters()).device
+    with torch.no_grad():
+        context = backbone.text_token_embeddings(ctx_ids.unsqueeze(0).to(device))[0].detach().cpu().clone()
+    return tokens, context
+
+
+def prompt_text_embeddings(backbone: Backbone, context: torch.Tensor, tokens: dict[str, torch.Tensor]) -> torch.Tensor:
+    """L2-normalised class embeddings (C, D) with the context vectors spliced in (with grad to them)."""
+    device = next(backbone.parameters()).device
+    tokens = {k: v.to(device) for k, v in tokens.items()}
+    embeds = backbone.text_token_embeddings(tokens["input_ids"])
+    n_ctx, c = context.shape[0], embeds.shape[0]
+    ctx = context.to(device=device, dtype=embeds.dtype).unsqueeze(0).expand(c, -1, -1)
+    embeds = torch.cat([embeds[:, :1], ctx, embeds[:, 1 + n_ctx :]], dim=1)
+    return F.normalize(backbone.text_from_token_embeddings(embeds, tokens), dim=-1)
+
+
+class PromptFL(Method):
+    name = "promptfl"
+
+    def __init__(self, ctx: ServerContext) -> None:
+        super().__init__(ctx)
+        if ctx.base_names is None or ctx.novel_names is None:
+            raise ValueError("promptfl needs the class names in ServerContext (base_names, novel_names)")
+        init = self.config.prompt.ctx_init
+        self.base_tokens, self.context = prompt_tokens(self.backbone, init, ctx.base_names)
+        self.novel_tokens, _ = prompt_tokens(self.backbone, init, ctx.novel_names)
+
+    def make_task(self, round_num: int) -> ClientTask:
+        return ClientTask(
+            round=round_num,
+            stage="sft",
+            image_lora={},  # the image tower stays as shipped: nothing to send
+            class_embeddings=torch.zeros((0, self.backbone.info.embed_dim)),
+            extra={"context": self.context, **{f"tokens.{k}": v for k, v in self.base_tokens.items()}},
+        )
+
+    @staticmethod
+    def client_step(
+        backbone: Backbone, data: ClientData, task: ClientTask, config: ExperimentConfig, seed: int
+    ) -> ClientUpdate:
+        if len(data) == 0:
+            raise ValueError(f"client {data.client_id} has no training images")
+        if "context" not in task.extra:
+            raise ValueError("a PromptFL task must carry the context vectors in extra['context']")
+        generator = torch.Generator().manual_seed(seed)
+        tokens = {k[len("tokens.") :]: v for k, v in task.extra.items() if k.startswith("tokens.")}
+        context = nn.Parameter(task.extra["context"].clone().to(next(backbone.parameters()).device))
+        client = config.client
+        if config.prompt.lr is not None:
+            client = type(client)(**{**vars(client), "lr": config.prompt.lr})
+        metrics = sft_epochs(
+            backbone, data, lambda: prompt_text_embeddings(backbone, context, tokens), [context],
+            client.sft_epochs, client, generator,
+        )
+        d = backbone.info.embed_dim
+        return ClientUpdate(
+            client_id=data.client_id,
+            num_samples=len(data),
+            image_lora={},
+            embeddings=torch.zeros((0, d)),
+            labels=torch.zeros(0, dtype=torch.long),
+            metrics=metrics,
+            extra={"context": context.detach().cpu().clone()},
+        )
+
+    def server_update(self, updates: Sequence[ClientUpdate], round_num: int) -> dict[str, float]:
+        states = [{"context": u.extra["context"]} for u in updates]
+        self.context = weighted_average(states, [u.num_samples for u in updates])["context"]
+        return {}
+
+    @torch.no_grad()
+    def prepare_eval(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return (
+            prompt_text_embeddings(self.backbone, self.context, self.base_tokens).cpu(),
+            prompt_text_embeddings(self.backbone, self.context, self.novel_tokens).cpu(),
+        )
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"prompt.context": self.context}

@@ -1,0 +1,110 @@
+"""Configuration of failure handling ([robustness]) and of injected client faults ([faults])."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    from feddtl.algorithm.client_config import ClientConfig
+
+FaultMode = Literal[
+    "none",
+    "raise",
+    "timeout",
+    "slow",
+    "drop",
+    "nan_lora",
+    "inf_embeddings",
+    "bad_shape",
+    "bad_keys",
+    "huge_norm",
+    "bad_embed_dim",
+    "bad_labels",
+    "too_many_embeddings",
+    "unnormalised",
+    "bad_num_samples",
+    "wrong_client_id",
+]
+
+
+@dataclass
+class RobustnessConfig:
+    """What a round survives: failing clients, slow clients and malformed updates."""
+
+    min_fit_fraction: float = 0.5
+    """A round completes when at least this fraction of its selected clients (rounded up, at least one)
+    returned an update that passed validation; otherwise the clients that failed are asked again."""
+    max_round_retries: int = 1
+    """How many times a round that fell short of min_fit_fraction re-asks its failed clients before the
+    run stops with a resumable checkpoint (0: stop at once)."""
+    client_timeout_s: float | None = None
+    """Wall-clock limit of one client's local round; None: no limit. In process, a client that overruns
+    is excluded, but its step is not killed (Python cannot): the simulator waits for it to return before
+    the next client uses the shared backbone. An injected hang (faults.mode = "timeout") is released at once."""
+    validate_updates: bool = True
+    """Check every update before aggregation (keys, shapes, finite values, norm, embeddings, labels,
+    counts) and exclude the ones that fail, with the reason in metrics.jsonl."""
+    max_update_norm: float | None = 1000.0
+    """Bound on the L2 norm of a client's change to the global weights (all uploaded LoRA tensors minus
+    the ones it was sent); larger updates are rejected. None: no bound. The default catches blow-ups and
+    crude scaling attacks only (honest updates are orders of magnitude smaller, see README)."""
+
+    def validate(self) -> None:
+        if not 0 < self.min_fit_fraction <= 1:
+            raise ValueError(f"robustness.min_fit_fraction must be in (0, 1], got {self.min_fit_fraction}")
+        if self.max_round_retries < 0:
+            raise ValueError(f"robustness.max_round_retries must be >= 0, got {self.max_round_retries}")
+        if self.client_timeout_s is not None and not self.client_timeout_s > 0:
+            raise ValueError(f"robustness.client_timeout_s must be > 0 or none, got {self.client_timeout_s}")
+        if self.max_update_norm is not None and not self.max_update_norm > 0:
+            raise ValueError(f"robustness.max_update_norm must be > 0 or none, got {self.max_update_norm}")
+
+    def min_answers(self, selected: int) -> int:
+        """Accepted updates a round with ``selected`` clients needs."""
+        return max(1, math.ceil(self.min_fit_fraction * selected - 1e-9))
+
+
+@dataclass
+class FaultConfig:
+    """Faults injected around the in-process client call, for tests and demos (never inside the algorithm)."""
+
+    mode: FaultMode = "none"
+    """What a hit client does: "raise" (an exception), "timeout" (hangs past robustness.client_timeout_s
+    until released), "slow" (sleeps faults.delay_s, then trains and answers normally), "drop" (no reply), or uploads a corrupt update: "nan_lora" (a NaN in its LoRA), "inf_embeddings" (an inf in its
+    embeddings), "bad_shape", "bad_keys", "huge_norm" (LoRA weights x 1e6), "bad_embed_dim",
+    "bad_labels" (a class it does not hold), "too_many_embeddings" (one more than the cap),
+    "unnormalised" (embeddings x 3), "bad_num_samples" (claims 1e9 images), "wrong_client_id"."""
+    clients: list[int] | None = None
+    """Client ids that may be hit; None: every client."""
+    rounds: list[int] | None = None
+    """Rounds in which faults happen; None: every round."""
+    probability: float = 1.0
+    """Chance that an eligible client is hit, drawn per (round, client, attempt) from faults.seed."""
+    attempts: int | None = None
+    """Hit only the first this many attempts of a round, so a retry can succeed; None: every attempt."""
+    seed: int = 0
+    """Seed of the probability draws (independent of the experiment seed)."""
+    delay_s: float = 3600.0
+    """How long a "slow" client sleeps before its step, and the longest a "timeout" client hangs."""
+
+    def validate(
+        self, num_clients: int, rounds: int, robustness: RobustnessConfig, client: "ClientConfig"
+    ) -> None:
+        if not 0 <= self.probability <= 1:
+            raise ValueError(f"faults.probability must be in [0, 1], got {self.probability}")
+        if self.attempts is not None and self.attempts < 1:
+            raise ValueError(f"faults.attempts must be >= 1 or none, got {self.attempts}")
+        if self.delay_s < 0:
+            raise ValueError(f"faults.delay_s must be >= 0, got {self.delay_s}")
+        bad = [k for k in self.clients or [] if not 0 <= k < num_clients]
+        if bad:
+            raise ValueError(f"faults.clients {bad} are not client ids; allowed: 0..{num_clients - 1}")
+        bad = [t for t in self.rounds or [] if not 1 <= t <= rounds]
+        if bad:
+            raise ValueError(f"faults.rounds {bad} are not rounds; allowed: 1..{rounds}")
+        if self.mode == "timeout" and robustness.client_timeout_s is None:
+            raise ValueError('faults.mode = "timeout" needs robustness.client_timeout_s (a client can only time out under a limit)')
+        if self.mode == "huge_norm" and robustness.max_update_norm is None and robustness.validate_updates:
+            raise ValueError('faults.mode = "huge_norm" needs robustness.max_update_norm to be caught; set a bound')
