@@ -49,11 +49,18 @@ def _san(hosts: list[str]) -> x509.SubjectAlternativeName:
     return x509.SubjectAlternativeName(names)
 
 
+LOCAL_HOSTS = ["127.0.0.1", "localhost"]
+"""Always in the certificate: the SuperLink's own SuperExec reaches it on 127.0.0.1, even when it
+listens on 0.0.0.0 for SuperNodes on other machines."""
+
+
 def write_dev_pki(folder: Path, nodes: int = 2, hosts: list[str] | None = None) -> dict[str, Path]:
-    """Write the CA, the SuperLink certificate for ``hosts`` and ``nodes`` SuperNode key pairs."""
+    """Write the CA, the SuperLink certificate (for 127.0.0.1, localhost and ``hosts``) and ``nodes``
+    SuperNode key pairs."""
     if nodes < 0:
         raise ValueError(f"--nodes must be >= 0, got {nodes}")
-    hosts = hosts or ["127.0.0.1", "localhost"]
+    extra = [h for h in (hosts or []) if h not in LOCAL_HOSTS]
+    hosts = list(dict.fromkeys(extra + LOCAL_HOSTS))
     folder.mkdir(parents=True, exist_ok=True)
     now = dt.datetime.now(dt.timezone.utc)
     not_before, not_after = now - dt.timedelta(minutes=5), now + dt.timedelta(days=VALID_DAYS)
