@@ -196,3 +196,14 @@ def test_records_hold_numpy_arrays_not_pickles() -> None:
     assert array.stype == "numpy.ndarray" and array.shape == (2, 3)
     # numpy's own format, readable with pickle disabled
     assert np.load(io.BytesIO(array.data), allow_pickle=False).tolist() == [[0, 1, 2], [3, 4, 5]]
+
+
+def test_flower_certs_command_writes_and_refuses_to_overwrite(tmp_path, capsys) -> None:
+    from feddtl.cli import main
+
+    assert main(["flower-certs", str(tmp_path), "--nodes", "1", "--host", "10.1.2.3"]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "ca.crt", "ca.key", "node0", "node0.pub", "server.crt", "server.key",
+    ]
+    assert main(["flower-certs", str(tmp_path), "--nodes", "1"]) == 2
+    assert "refusing to overwrite" in capsys.readouterr().err

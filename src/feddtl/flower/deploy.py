@@ -124,14 +124,17 @@ class LocalDeployment:
         self._wait_superlink(timeout)
 
     def _wait_superlink(self, timeout: float) -> None:
+        import ssl
+
         import httpx
 
+        trust = ssl.create_default_context(cafile=str(self.certs / "ca.crt"))
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.procs["superlink"].poll() is not None:
                 raise RuntimeError(f"flower-superlink exited early:\n{self.log_tail('superlink')}")
             try:
-                if httpx.get(f"https://{self.address}/health", verify=str(self.certs / "ca.crt"), timeout=2).is_success:
+                if httpx.get(f"https://{self.address}/health", verify=trust, timeout=2).is_success:
                     return
             except httpx.HTTPError:
                 pass
