@@ -8,6 +8,7 @@ own client (same dataset, partitioner and seed as the in-process run) and runs t
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 from dataclasses import dataclass, field
 
@@ -16,6 +17,7 @@ from flwr.clientapp import ClientApp
 
 from feddtl.algorithm.client import ClientData
 from feddtl.backbones.base import Backbone
+from feddtl.cache import TrunkCache
 from feddtl.config import ConfigError, ExperimentConfig, loads_config
 from feddtl.data import DatasetSplits, load_dataset
 from feddtl.federation import build_client, class_split, client_partition, make_backbone, to_base_index
@@ -55,6 +57,8 @@ class NodeState:
     splits: DatasetSplits
     num_classes: int
     backbone: Backbone | None = None
+    cache: TrunkCache | None = None
+    """The node's own trunk cache (config [cache], as in process); its disk files go at exit."""
     clients: dict[int, ClientData] = field(default_factory=dict)
 
 
@@ -80,10 +84,15 @@ def node_state(experiment_toml: str, num_partitions: int) -> NodeState:
 
 
 def client_data(state: NodeState, partition_id: int) -> tuple[Backbone, ClientData]:
+    config = state.config
     if state.backbone is None:
-        state.backbone = make_backbone(state.config)
+        state.backbone = make_backbone(config)
+        state.cache = TrunkCache(
+            config.cache, state.backbone, config.data.image_size, config.data.invert, log_fn=lambda s: None
+        )
+        atexit.register(state.cache.close)
     if partition_id not in state.clients:
-        state.clients[partition_id] = build_client(state.config, partition_id, state.backbone, state.splits)
+        state.clients[partition_id] = build_client(config, partition_id, state.backbone, state.splits, state.cache)
     return state.backbone, state.clients[partition_id]
 
 

@@ -1,10 +1,11 @@
 """The FedDTL ServerApp: the in-process round loop, with the client steps run on SuperNodes.
 
 The server side is ``run_experiment`` from the in-process simulator, unchanged: the same Method makes
-each round's task, aggregates the updates (ordered by partition id, so the floating-point sums are
-the in-process ones), runs its own text-LoRA alignment step, evaluates and writes the same run
-directory. Only two things differ: the server builds no client data (``with_clients=False``), and a
-``SuperNodeClients`` runner sends each round's task to the selected partitions' SuperNodes.
+each round's task, the same robust round (sim.robust: validation, retries, min_fit_fraction) collects
+the updates, which are aggregated in partition order (so the floating-point sums are the in-process
+ones); the server runs its own text-LoRA alignment step, evaluates and writes the same run directory.
+Only two things differ: the server builds no client data (``with_clients=False``), and a
+``SuperNodeClients`` runner sends each attempt's task to the asked partitions' SuperNodes at once.
 
 Run config keys (``[tool.flwr.app.config]`` in pyproject.toml, ``flwr run --run-config``):
 ``config`` (preset name or TOML path on the SuperLink's machine), ``overrides`` (``--set``-style
@@ -18,6 +19,7 @@ import shlex
 import time
 from collections.abc import Callable
 from logging import INFO
+from pathlib import Path
 from typing import Any
 
 from flwr.app import Context, Message, MessageType, UserConfig
@@ -86,9 +88,12 @@ class SuperNodeClients:
         self.nodes: dict[int, int] = {}
         """partition id -> Flower node id"""
         self.fed: Federation | None = None
+        self.replies: dict[int, Message | Exception] = {}
+        """client id -> its reply to the last dispatch, or why there is none"""
 
-    def connect(self, fed: Federation) -> list[list[int]]:
-        """Wait for one SuperNode per partition; return each partition's base classes (for local accuracy).
+    def connect(self, fed: Federation) -> tuple[list[list[int]], list[int]]:
+        """Wait for one SuperNode per partition; return each partition's base classes (for local accuracy
+        and update validation) and training-image count (the bound on its aggregation weight).
 
         Nodes may connect after the run starts (``get_node_ids`` is empty at first), so this asks each
         newly seen node which partition it holds until all are known or ``flower.node_wait_timeout`` passes.
@@ -130,43 +135,46 @@ class SuperNodeClients:
             "SuperNodes ready: "
             + ", ".join(f"partition {p} = node {found[p][0]} ({found[p][2]} images)" for p in sorted(found))
         )
-        return [found[pid][1] for pid in range(k)]
+        return [found[pid][1] for pid in range(k)], [found[pid][2] for pid in range(k)]
 
-    def __call__(self, task: ClientTask, selected: list[int]) -> list[ClientUpdate]:
+    def dispatch(self, task: ClientTask, clients: list[int]) -> None:
+        """Send ``task`` to the SuperNodes of ``clients`` at once; keep each reply (or why there is none)."""
         if self.fed is None:
             raise RuntimeError("SuperNodeClients.connect must run before the first round")
         content = records.task_to_records(task, self.experiment)
         messages = [
             Message(content, dst_node_id=self.nodes[k], message_type=MessageType.TRAIN, group_id=str(task.round))
-            for k in selected
+            for k in clients
         ]
         timeout = self.config.flower.round_timeout
         by_node = {r.metadata.src_node_id: r for r in exchange(self.grid, messages, timeout)}
-        partition_of = {node: pid for pid, node in self.nodes.items()}
-        for node, reply in by_node.items():
-            if reply.has_error():
-                raise RuntimeError(
-                    f"round {task.round}: client {partition_of.get(node)} (SuperNode {node}) failed: {reply.error.reason}"
-                )
-        missing = [k for k in selected if self.nodes[k] not in by_node]
-        if missing:
-            raise TimeoutError(
-                f"round {task.round}: no reply from clients {missing} within {timeout:.0f} s (flower.round_timeout)"
-            )
+        self.replies = {}
+        for k in clients:
+            reply = by_node.get(self.nodes[k])
+            if reply is None:
+                self.replies[k] = TimeoutError(f"no reply within {timeout:g} s (flower.round_timeout)")
+            elif reply.has_error():
+                self.replies[k] = RuntimeError(f"SuperNode {self.nodes[k]} failed: {reply.error.reason}")
+            else:
+                self.replies[k] = reply
+
+    def step(self, task: ClientTask, client_id: int) -> ClientUpdate:
+        """Client ``client_id``'s update from the last dispatch, decoded and checked at the boundary
+        (the robust round then validates it against the round's UpdateSpec, as in process)."""
+        reply = self.replies.pop(client_id, None)
+        if reply is None:
+            raise RuntimeError(f"client {client_id} was not asked in this attempt")
+        if isinstance(reply, Exception):
+            raise reply
+        assert self.fed is not None
         backbone = self.fed.backbone
-        updates = []
-        for k in selected:  # the order of `selected`: aggregation sums in the in-process order
-            update = records.update_from_records(
-                by_node[self.nodes[k]].content,
-                image_lora=backbone.image_lora_state(),
-                text_lora=backbone.text_lora_state(),
-                num_classes=len(self.fed.classes.base),
-                embed_dim=backbone.info.embed_dim,
-            )
-            if update.client_id != k:
-                raise records.RecordError(f"round {task.round}: SuperNode of partition {k} answered as client {update.client_id}")
-            updates.append(update)
-        return updates
+        return records.update_from_records(
+            reply.content,
+            image_lora=task.image_lora,
+            text_lora=task.text_lora if task.text_lora is not None else {},
+            num_classes=len(self.fed.classes.base),
+            embed_dim=backbone.info.embed_dim,
+        )
 
 
 def engine_name(grid: Grid) -> str:
@@ -184,9 +192,9 @@ def serve(
     """Run one experiment with its clients on ``grid``'s SuperNodes; returns results.json's content."""
     clients = SuperNodeClients(grid, config, log_fn)
 
-    def build(config: ExperimentConfig, log_fn: Callable[[str], None]) -> Federation:
-        fed = build_federation(config, log_fn=log_fn, with_clients=False)
-        fed.eval_set.client_classes = clients.connect(fed)
+    def build(config: ExperimentConfig, log_fn: Callable[[str], None], run_dir: Path | None = None) -> Federation:
+        fed = build_federation(config, log_fn=log_fn, run_dir=run_dir, with_clients=False)
+        fed.eval_set.client_classes, fed.client_sizes = clients.connect(fed)
         return fed
 
     log_fn(f"FedDTL ServerApp: {config.method} on {config.dataset}, {config.num_clients} clients -> {out_dir}")
