@@ -23,9 +23,11 @@ from pathlib import Path
 from feddtl.config import load_config
 from feddtl.flower.certs import write_dev_pki
 from feddtl.flower.deploy import COMPLETED, LocalDeployment
+from feddtl.rundir import result_fields
 
 REPO = Path(__file__).resolve().parents[1]
-MEASURED = ("setup_s", "wall_s", "peak_rss_mb", "engine")
+PLACEMENT = ("engine", "cache")
+"""Not results: the engine's name, and where trunk features are cached (server vs nodes)."""
 
 
 def cli_run(out: Path, config: str, overrides: list[str], engine: str) -> float:
@@ -69,15 +71,14 @@ def numbers(run: dict) -> list[float]:
     """Every computed number of a run (results and per-round metrics), timings aside, in a fixed order."""
     out: list[float] = []
 
-    def walk(value: object, key: str = "") -> None:
-        if key.startswith(MEASURED) or key.startswith("time_"):
-            return
+    def walk(value: object) -> None:
         if isinstance(value, dict):
-            for k in sorted(value):
-                walk(value[k], k)
+            for k, v in sorted(result_fields(value).items()):
+                if k not in PLACEMENT:
+                    walk(v)
         elif isinstance(value, list):
             for v in value:
-                walk(v, key)
+                walk(v)
         elif isinstance(value, (int, float)) and not isinstance(value, bool):
             out.append(float(value))
 

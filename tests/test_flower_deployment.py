@@ -22,13 +22,20 @@ from feddtl.backbones.tiny_clip import build_tiny_clip
 from feddtl.config import load_config
 from feddtl.flower.certs import write_dev_pki
 from feddtl.flower.deploy import COMPLETED, LocalDeployment, flower_bin_dir
+from feddtl.rundir import result_fields
 from feddtl.sim.inprocess import run_experiment
 
 REPO = Path(__file__).resolve().parents[1]
 # tiny with two clients (pathological needs 2 x 3 classes to cover the 5 base classes), two rounds.
 OVERRIDES = ["num_clients=2", "rounds=2", "classes_per_client=3"]
-# Fields that are measurements of the run, not results of the computation.
-TIMING = ("setup_s", "wall_s", "time_", "peak_rss_mb", "engine")
+# Besides the machine's measurements (rundir.result_fields drops wall time and memory): the engine's
+# name, and the trunk-cache summary, which describes where features live (the Flower server caches only
+# the test sets; each client's features are cached on its own node), not what the run computed.
+PLACEMENT = ("engine", "cache")
+
+
+def comparable(row: dict) -> dict:
+    return {k: v for k, v in result_fields(row).items() if k not in PLACEMENT}
 RUN_TIMEOUT_S = 600.0
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
@@ -93,7 +100,7 @@ def _values_match(a, b, path: str) -> list[str]:
     """Differences between two JSON values, numbers compared within floating-point tolerance."""
     if isinstance(a, dict) and isinstance(b, dict):
         out = [f"{path}: keys {sorted(set(a) ^ set(b))} differ"] if set(a) != set(b) else []
-        return out + [d for k in sorted(set(a) & set(b)) if not k.startswith(TIMING) for d in _values_match(a[k], b[k], f"{path}.{k}")]
+        return out + [d for k in sorted(set(a) & set(b)) for d in _values_match(a[k], b[k], f"{path}.{k}")]
     if isinstance(a, list) and isinstance(b, list):
         if len(a) != len(b):
             return [f"{path}: {len(a)} vs {len(b)} items"]
@@ -121,9 +128,9 @@ def assert_same_run(run: Path, reference: Path, engine: str) -> None:
     expected = json.loads((reference / "results.json").read_text())
     assert results["engine"] == engine and expected["engine"] == "inprocess"
     assert results["rounds"] == 2 and results["num_clients"] == 2
-    assert _values_match(expected, results, "results") == []
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    expected_rows = [json.loads(line) for line in (reference / "metrics.jsonl").read_text().splitlines()]
+    assert _values_match(comparable(expected), comparable(results), "results") == []
+    rows = [comparable(json.loads(line)) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    expected_rows = [comparable(json.loads(line)) for line in (reference / "metrics.jsonl").read_text().splitlines()]
     assert _values_match(expected_rows, rows, "metrics") == []
     assert (run / "config.toml").read_text() == (reference / "config.toml").read_text()
     weights, expected_weights = load_file(run / "final_lora.safetensors"), load_file(reference / "final_lora.safetensors")
