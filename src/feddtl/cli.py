@@ -39,7 +39,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
         return 2
     log = (lambda s: None) if args.quiet else (lambda s: print(s, flush=True))
     try:
-        results = run_experiment(config, out, progress=not args.quiet, log_fn=log, resume=args.resume is not None)
+        if args.engine == "flower-sim":
+            if args.resume is not None:
+                raise ConfigError("--resume works with --engine inprocess only")
+            from feddtl.flower.simulation import run_flower_simulation
+
+            results = run_flower_simulation(config, out, log_fn=log)
+        else:
+            results = run_experiment(config, out, progress=not args.quiet, log_fn=log, resume=args.resume is not None)
     except RoundFailed as exc:
         print(
             f"feddtl: {exc}. The run stopped with a checkpoint after round {exc.round - 1}; continue it with "
@@ -67,6 +74,19 @@ def _cmd_report(args: argparse.Namespace) -> int:
         print(f"feddtl: {exc}", file=sys.stderr)
         return 2
     print(results_table(rows))
+    return 0
+
+
+def _cmd_flower_certs(args: argparse.Namespace) -> int:
+    from feddtl.flower.certs import write_dev_pki
+
+    try:
+        paths = write_dev_pki(Path(args.dir), nodes=args.nodes, hosts=args.host)
+    except (ValueError, FileExistsError) as exc:
+        print(f"feddtl: {exc}", file=sys.stderr)
+        return 2
+    for what, path in paths.items():
+        print(f"{what:<16} {path}")
     return 0
 
 
@@ -130,6 +150,12 @@ def build_parser() -> argparse.ArgumentParser:
         "change only robustness.*, faults.*, checkpoint.*)",
     )
     run.add_argument("--quiet", action="store_true", help="no progress bar or per-round lines")
+    run.add_argument(
+        "--engine",
+        choices=["inprocess", "flower-sim"],
+        default="inprocess",
+        help="inprocess (default, one machine) or flower-sim (Flower's Simulation Engine, one SuperNode per client)",
+    )
     run.set_defaults(func=_cmd_run)
     report = sub.add_parser("report", help="print a results table of finished run directories")
     report.add_argument("dirs", nargs="+")
@@ -143,6 +169,18 @@ def build_parser() -> argparse.ArgumentParser:
     bench_report = sub.add_parser("bench-report", help="rebuild a suite's table and plots from its output folder")
     bench_report.add_argument("dir")
     bench_report.set_defaults(func=_cmd_bench_report)
+    certs = sub.add_parser(
+        "flower-certs",
+        help="write a development CA, a SuperLink TLS certificate and SuperNode keys (local trials only)",
+    )
+    certs.add_argument("dir", help="folder to write into (must not hold earlier keys)")
+    certs.add_argument("--nodes", type=int, default=2, help="SuperNode key pairs to write (default 2)")
+    certs.add_argument(
+        "--host",
+        action="append",
+        help="the SuperLink's IP address or DNS name as SuperNodes reach it (repeatable; 127.0.0.1 and localhost are always in)",
+    )
+    certs.set_defaults(func=_cmd_flower_certs)
     sub.add_parser("methods", help="list methods").set_defaults(func=_cmd_methods)
     sub.add_parser("presets", help="list preset configs").set_defaults(func=_cmd_presets)
     return parser

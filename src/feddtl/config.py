@@ -21,6 +21,7 @@ from feddtl.backbones.lora_config import LoraConfig
 from feddtl.cache.cache_config import CacheConfig
 from feddtl.checkpoint_config import CheckpointConfig
 from feddtl.data.data_config import DataConfig
+from feddtl.flower.flower_config import FlowerConfig
 from feddtl.methods.promptfl_config import PromptConfig
 from feddtl.sim.robust_config import FaultConfig, RobustnessConfig
 
@@ -98,6 +99,7 @@ class ExperimentConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     robustness: RobustnessConfig = field(default_factory=RobustnessConfig)
     faults: FaultConfig = field(default_factory=FaultConfig)
+    flower: FlowerConfig = field(default_factory=FlowerConfig)
 
     @property
     def switch_round(self) -> int:
@@ -147,7 +149,7 @@ class ExperimentConfig:
                 raise ConfigError(message)
         for section in (
             self.data, self.lora, self.client, self.grpo, self.server, self.prompt, self.cache, self.checkpoint,
-            self.robustness,
+            self.robustness, self.flower,
         ):
             try:
                 section.validate()
@@ -295,6 +297,17 @@ def load_config(name_or_path: str | None = None, overrides: list[str] | tuple[st
             if not isinstance(node, dict):
                 raise ConfigError(f"--set {item}: {k} is a value, not a section")
         node[keys[-1]] = value
+    config = _build(ExperimentConfig, values)
+    config.validate()
+    return config
+
+
+def loads_config(text: str, source: str = "<config text>") -> ExperimentConfig:
+    """Parse and validate a TOML document (what ``to_toml`` writes), e.g. a config sent to a Flower client."""
+    try:
+        values = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{source}: not valid TOML: {exc}") from None
     config = _build(ExperimentConfig, values)
     config.validate()
     return config

@@ -224,21 +224,49 @@ class Federation:
     novel_text: TextFeatures
     cache: TrunkCache | None = None
     """The trunk cache behind the clients' and test sets' features (close() deletes its disk files)."""
+    client_sizes: list[int] | None = None
+    """Training images per client when the clients are remote (the Flower server, which holds no client
+    data and learns them in its handshake); None: ``len(clients[k])``."""
 
 
-def build_federation(config: ExperimentConfig, log_fn=print, run_dir: str | Path | None = None) -> Federation:
+def client_partition(config: ExperimentConfig, splits: DatasetSplits, client_id: int) -> tuple[ClassSplit, np.ndarray]:
+    """The class split and one client's training-image indices (same partitioner and seed as every engine)."""
+    if not 0 <= client_id < config.num_clients:
+        raise ConfigError(f"client id {client_id} is out of range for num_clients={config.num_clients}")
+    classes = class_split(config, splits)
+    return classes, client_indices(config, splits, classes)[client_id]
+
+
+def build_client(
+    config: ExperimentConfig, client_id: int, backbone: Backbone, splits: DatasetSplits | None = None,
+    cache: TrunkCache | None = None,
+) -> ClientData:
+    """Only client ``client_id``'s data, as one node of a distributed run builds it for itself
+    (``cache``: the node's own trunk cache, as in process: clients never share one)."""
+    if splits is None:
+        splits = load_dataset(config.dataset, config.data, seed=config.seed)
+    classes, indices = client_partition(config, splits, client_id)
+    base_text = prompt_features(backbone, classes.base_names, config.backbone_options.template)
+    return build_client_data(backbone, config, splits, classes, client_id, indices, base_text, cache)
+
+
+def build_federation(
+    config: ExperimentConfig, log_fn=print, run_dir: str | Path | None = None, with_clients: bool = True
+) -> Federation:
     """Load data, split classes, partition clients, build the backbone and cache trunk features.
 
     ``run_dir``: where the trunk cache's disk store goes (``<run_dir>/cache`` unless cache.dir is set).
+    ``with_clients=False`` builds the server side of a distributed run: no client data, and empty
+    ``eval_set.client_classes`` / ``client_sizes`` that the caller fills with what the clients report.
     """
     splits = load_dataset(config.dataset, config.data, seed=config.seed)
     classes = class_split(config, splits)
-    parts = client_indices(config, splits, classes)
+    parts = client_indices(config, splits, classes) if with_clients else []
     backbone = make_backbone(config)
+    held = f"; clients hold {[len(p) for p in parts]} training images" if with_clients else ""
     log_fn(
         f"{config.dataset}: {len(classes.base)} base classes {classes.base_names}, "
-        f"{len(classes.novel)} novel {classes.novel_names}; clients hold "
-        f"{[len(p) for p in parts]} training images"
+        f"{len(classes.novel)} novel {classes.novel_names}{held}"
     )
     template = config.backbone_options.template
     base_text = prompt_features(backbone, classes.base_names, template)

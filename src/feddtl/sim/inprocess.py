@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -58,6 +58,20 @@ def mean_client_metrics(updates: Sequence[ClientUpdate]) -> dict[str, float]:
     return {f"client_{k}": float(np.mean([u.metrics[k] for u in updates if k in u.metrics])) for k in keys}
 
 
+class ClientRunner(Protocol):
+    """Runs client steps elsewhere (the Flower ServerApp: on SuperNodes), behind the same robust round."""
+
+    def dispatch(self, task: ClientTask, clients: list[int]) -> None:
+        """Send ``task`` to ``clients`` and wait for their replies (one attempt of a round)."""
+
+    def step(self, task: ClientTask, client_id: int) -> ClientUpdate:
+        """Client ``client_id``'s reply to the last dispatch; raises what went wrong there."""
+
+
+BuildFn = Callable[..., Federation]
+"""Builds the federation: called as ``build(config, log_fn=..., run_dir=...)``."""
+
+
 def build_method(fed: Federation) -> Method:
     ctx = ServerContext(
         backbone=fed.backbone, config=fed.config, base_text=fed.base_text, novel_text=fed.novel_text,
@@ -75,12 +89,15 @@ def run_rounds(
     start_round: int = 1,
     rows: list[dict[str, Any]] | None = None,
     meter: MemoryMeter | None = None,
+    client_runner: ClientRunner | None = None,
 ) -> list[dict[str, Any]]:
     """The federated loop from ``start_round`` (after ``rows``, the rows of the rounds before it);
     appends one metrics row per round to the run directory and checkpoints as configured.
 
     Failing clients and rejected updates are handled by sim.robust; a round with too few answers
-    writes a checkpoint of the previous round and raises RoundFailed.
+    writes a checkpoint of the previous round and raises RoundFailed. Client steps run here, one
+    after the other, unless ``client_runner`` runs them elsewhere; the accepted updates are aggregated
+    in the order of the selected client ids either way.
     """
     config = fed.config
     meter = meter or MemoryMeter()
@@ -89,6 +106,7 @@ def run_rounds(
                desc="client steps", unit="step", leave=False)
     for t in range(start_round, config.rounds + 1):
         row: dict[str, Any] = {"round": t}
+        round_start = time.perf_counter()
         task = method.make_task(t)
         row["stage"] = task.stage
         selected = select_clients(config, t)
@@ -97,11 +115,15 @@ def run_rounds(
 
         def step(k: int, t: int = t, task: ClientTask = task) -> ClientUpdate:
             bar.set_description(f"round {t}/{config.rounds} [{task.stage}] client {k}")
+            if client_runner is not None:
+                return client_runner.step(task, k)
             return method.client_step(fed.backbone, fed.clients[k], task, config, client_seed(config.seed, t, k))
 
+        dispatch = None if client_runner is None else (lambda ks, task=task: client_runner.dispatch(task, ks))
         try:
             outcome = collect_updates(
-                task, selected, t, step, lambda k, task=task: update_spec(fed, task, k), config, lambda: bar.update(1)
+                task, selected, t, step, lambda k, task=task: update_spec(fed, task, k), config, lambda: bar.update(1),
+                dispatch=dispatch,
             )
         except RoundFailed:
             bar.close()
@@ -130,6 +152,7 @@ def run_rounds(
                 f"round {t:>3}/{config.rounds} [{task.stage}] base {row['base_acc']:.2f}  novel {row['novel_acc']:.2f}  "
                 f"hm {row['hm']:.2f}  local {row['local_acc']:.2f}"
             )
+        row["time_round_s"] = time.perf_counter() - round_start
         row["rss_mb"] = current_rss_mb()
         row["peak_rss_mb"] = meter.run_peak()
         run.append_metrics(row)
@@ -152,6 +175,9 @@ def run_experiment(
     log_fn: Callable[[str], None] = print,
     fed: Federation | None = None,
     resume: bool = False,
+    build: BuildFn = build_federation,
+    client_runner: ClientRunner | None = None,
+    engine: str = "inprocess",
 ) -> dict[str, Any]:
     """Run one experiment in process and write its run directory; returns results.json's content.
 
@@ -159,6 +185,8 @@ def run_experiment(
     the backbone's LoRA reset to its initial state); None builds it.
     ``resume``: continue the run in ``out_dir`` from its checkpoint (``config`` must be its config.toml,
     see checkpoint.load_run_config); the metrics rows past the checkpoint are dropped and recomputed.
+    ``build``, ``client_runner``, ``engine``: the Flower ServerApp passes its own federation builder
+    (server side only), a runner that sends the rounds' tasks to SuperNodes, and its engine's name.
     """
     started = time.perf_counter()
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -171,7 +199,7 @@ def run_experiment(
     run.write_config(config)
     meter.start_phase()
     if fed is None:
-        fed = build_federation(config, log_fn=log_fn, run_dir=run.path)
+        fed = build(config, log_fn=log_fn, run_dir=run.path)
     setup_s = time.perf_counter() - started
     setup_peak = meter.end_phase()
     method = build_method(fed)
@@ -187,7 +215,8 @@ def run_experiment(
         elif resume:
             log_fn(f"{run.path} has no checkpoint: starting at round 1")
         rows = run_rounds(
-            fed, method, run, progress=progress, log_fn=log_fn, start_round=start_round, rows=rows, meter=meter
+            fed, method, run, progress=progress, log_fn=log_fn, start_round=start_round, rows=rows, meter=meter,
+            client_runner=client_runner,
         )
         final = {k: rows[-1][k] for k in ("base_acc", "novel_acc", "hm", "local_acc", "local_acc_per_client")}
         if "per_domain_acc" in rows[-1]:
@@ -197,6 +226,7 @@ def run_experiment(
         run.append_metrics({"round": 0, **final})
     results = {
         "method": config.method,
+        "engine": engine,
         "dataset": config.dataset,
         "backbone": config.backbone,
         "partition": config.partition,

@@ -208,11 +208,14 @@ def collect_updates(
     spec: Callable[[int], UpdateSpec],
     config: ExperimentConfig,
     on_client_done: Callable[[], None] = lambda: None,
+    dispatch: Callable[[list[int]], None] | None = None,
 ) -> RoundOutcome:
     """Ask the selected clients for their updates, with faults, timeouts, validation and retries.
 
     ``step(k)`` runs client k's local round; ``spec(k)`` says what the server expects from it;
-    ``config``'s robustness and faults sections are read.
+    ``config``'s robustness and faults sections are read. ``dispatch(clients)``, if given, is called at
+    the start of every attempt with the clients asked in it: remote engines (Flower) send them the task
+    at once there, and ``step(k)`` then hands back client k's reply.
     """
     rob, faults = config.robustness, config.faults
     need = rob.min_answers(len(selected))
@@ -221,6 +224,8 @@ def collect_updates(
     pending = list(selected)
     attempt = 0
     while True:
+        if dispatch is not None:
+            dispatch(list(pending))
         for k in pending:
             mode = faults.mode if fault_hits(faults, round_num, k, attempt) else None
             expected = spec(k)
@@ -269,6 +274,8 @@ def update_spec(fed: Federation, task: ClientTask, client_id: int) -> UpdateSpec
         cap_per_class=cap,
         max_norm=config.robustness.max_update_norm,
         client_id=client_id,
-        max_samples=len(fed.clients[client_id]),
+        max_samples=len(fed.clients[client_id]) if fed.clients else (
+            fed.client_sizes[client_id] if fed.client_sizes is not None else None  # remote clients (Flower)
+        ),
         text_reference=task.text_lora,
     )

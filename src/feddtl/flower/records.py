@@ -1,0 +1,268 @@
+"""ClientTask / ClientUpdate <-> Flower records, and validation of what arrives.
+
+Tensors travel as numpy arrays in ``ArrayRecord`` (numpy's own format, never pickle), numbers as
+``MetricRecord``, round, stage and the experiment's configuration as ``ConfigRecord``. Whatever
+arrives from the other side is checked against what this side expects (keys, shapes, dtypes,
+label range, finiteness) before any of it reaches the algorithm.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+
+from feddtl.algorithm.messages import ClientTask, ClientUpdate
+
+# Record names inside a message's RecordDict.
+TASK = "feddtl.task"
+"""ConfigRecord: round, stage, experiment (the resolved config as TOML)."""
+TASK_IMAGE_LORA = "feddtl.task.image_lora"
+TASK_CLASS_EMBEDDINGS = "feddtl.task.class_embeddings"
+TASK_SFT_REFERENCE = "feddtl.task.sft_reference_lora"
+TASK_TEXT_LORA = "feddtl.task.text_lora"
+HELLO = "feddtl.hello"
+"""ConfigRecord of the handshake: experiment (query) / partition-id, num-partitions, classes (reply)."""
+UPDATE_INFO = "feddtl.update.info"
+"""MetricRecord: client-id, num-examples."""
+UPDATE_METRICS = "feddtl.update.metrics"
+UPDATE_IMAGE_LORA = "feddtl.update.image_lora"
+UPDATE_EMBEDDINGS = "feddtl.update.embeddings"
+"""ArrayRecord: embeddings (n, D) float, labels (n,) int64."""
+UPDATE_TEXT_LORA = "feddtl.update.text_lora"
+
+STAGES = ("sft", "rl")
+
+TensorSpec = Mapping[str, torch.Tensor]
+"""Expected tensors by name (their shapes and dtypes are what is checked; values are ignored)."""
+
+
+class RecordError(ValueError):
+    """A message whose records are missing, malformed or inconsistent with what this side expects."""
+
+
+# ----- tensors <-> ArrayRecord --------------------------------------------------------------------
+
+
+def tensors_to_record(tensors: Mapping[str, torch.Tensor]) -> ArrayRecord:
+    return ArrayRecord({k: Array(v.detach().cpu().contiguous().numpy()) for k, v in tensors.items()})
+
+
+def record_to_tensors(record: ArrayRecord, what: str) -> dict[str, torch.Tensor]:
+    out = {}
+    for key, array in record.items():
+        try:
+            value = array.numpy()
+        except (TypeError, ValueError) as exc:
+            raise RecordError(f"{what}[{key!r}] is not a numpy array: {exc}") from None
+        out[key] = torch.from_numpy(np.ascontiguousarray(value))
+    return out
+
+
+def _check_finite(tensor: torch.Tensor, what: str) -> None:
+    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        raise RecordError(f"{what} holds NaN or infinite values")
+
+
+def checked_state(record: ArrayRecord, expected: TensorSpec, what: str) -> dict[str, torch.Tensor]:
+    """A LoRA state from ``record``, with exactly the expected names, shapes and dtypes, in expected order."""
+    got = record_to_tensors(record, what)
+    missing, extra = sorted(set(expected) - set(got)), sorted(set(got) - set(expected))
+    if missing or extra:
+        raise RecordError(
+            f"{what}: tensor names differ from this side's model (missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
+            f"unexpected {extra[:3]}{'...' if len(extra) > 3 else ''}): both sides must use the same backbone and LoRA config"
+        )
+    out = {}
+    for name, ref in expected.items():
+        value = got[name]
+        if tuple(value.shape) != tuple(ref.shape) or value.dtype != ref.dtype:
+            raise RecordError(
+                f"{what}[{name!r}]: got {tuple(value.shape)} {value.dtype}, expected {tuple(ref.shape)} {ref.dtype}"
+            )
+        _check_finite(value, f"{what}[{name!r}]")
+        out[name] = value
+    return out
+
+
+def _array_record(content: RecordDict, name: str) -> ArrayRecord:
+    record = content.get(name)
+    if not isinstance(record, ArrayRecord):
+        raise RecordError(f"message lacks the ArrayRecord {name!r}")
+    return record
+
+
+def _int(record: Mapping[str, object], key: str, what: str) -> int:
+    value = record.get(key)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise RecordError(f"{what}[{key!r}] must be an integer, got {value!r}")
+    return value
+
+
+def _str(record: Mapping[str, object], key: str, what: str) -> str:
+    value = record.get(key)
+    if not isinstance(value, str):
+        raise RecordError(f"{what}[{key!r}] must be a string, got {type(value).__name__}")
+    return value
+
+
+# ----- server -> client ---------------------------------------------------------------------------
+
+
+def task_to_records(task: ClientTask, experiment_toml: str) -> RecordDict:
+    """The round's task plus the resolved configuration (a client needs nothing else to train)."""
+    content = RecordDict()
+    content[TASK] = ConfigRecord({"round": task.round, "stage": task.stage, "experiment": experiment_toml})
+    content[TASK_IMAGE_LORA] = tensors_to_record(task.image_lora)
+    content[TASK_CLASS_EMBEDDINGS] = tensors_to_record({"embeddings": task.class_embeddings})
+    if task.sft_reference_lora is not None:
+        content[TASK_SFT_REFERENCE] = tensors_to_record(task.sft_reference_lora)
+    if task.text_lora is not None:
+        content[TASK_TEXT_LORA] = tensors_to_record(task.text_lora)
+    return content
+
+
+def experiment_of(content: RecordDict, record_name: str = TASK) -> str:
+    """The configuration TOML a message carries (task or handshake)."""
+    record = content.get(record_name)
+    if not isinstance(record, ConfigRecord):
+        raise RecordError(f"message lacks the ConfigRecord {record_name!r}")
+    return _str(record, "experiment", record_name)
+
+
+def task_from_records(
+    content: RecordDict,
+    image_lora: TensorSpec,
+    text_lora: TensorSpec,
+    num_classes: int,
+    embed_dim: int,
+) -> ClientTask:
+    """Rebuild and check a ClientTask against the client's own model (LoRA names/shapes, class count, D)."""
+    meta = content.get(TASK)
+    if not isinstance(meta, ConfigRecord):
+        raise RecordError(f"message lacks the ConfigRecord {TASK!r}")
+    round_num = _int(meta, "round", TASK)
+    if round_num < 1:
+        raise RecordError(f"{TASK}['round'] must be >= 1, got {round_num}")
+    stage = _str(meta, "stage", TASK)
+    if stage not in STAGES:
+        raise RecordError(f"{TASK}['stage'] must be one of {STAGES}, got {stage!r}")
+    embeddings = record_to_tensors(_array_record(content, TASK_CLASS_EMBEDDINGS), TASK_CLASS_EMBEDDINGS)
+    T = embeddings.get("embeddings")
+    if T is None or tuple(T.shape) != (num_classes, embed_dim) or not T.is_floating_point():
+        got = "nothing" if T is None else f"{tuple(T.shape)} {T.dtype}"
+        raise RecordError(
+            f"{TASK_CLASS_EMBEDDINGS}['embeddings'] must be a float ({num_classes}, {embed_dim}) array "
+            f"(base classes x embedding size), got {got}"
+        )
+    _check_finite(T, TASK_CLASS_EMBEDDINGS)
+    sft = content.get(TASK_SFT_REFERENCE)
+    text = content.get(TASK_TEXT_LORA)
+    return ClientTask(
+        round=round_num,
+        stage=stage,  # type: ignore[arg-type]
+        image_lora=checked_state(_array_record(content, TASK_IMAGE_LORA), image_lora, TASK_IMAGE_LORA),
+        class_embeddings=T,
+        sft_reference_lora=None if sft is None else checked_state(sft, image_lora, TASK_SFT_REFERENCE),
+        text_lora=None if text is None else checked_state(text, text_lora, TASK_TEXT_LORA),
+    )
+
+
+# ----- client -> server ---------------------------------------------------------------------------
+
+
+def update_to_records(update: ClientUpdate) -> RecordDict:
+    content = RecordDict()
+    content[UPDATE_INFO] = MetricRecord({"client-id": update.client_id, "num-examples": update.num_samples})
+    content[UPDATE_METRICS] = MetricRecord({k: float(v) for k, v in update.metrics.items()})
+    content[UPDATE_IMAGE_LORA] = tensors_to_record(update.image_lora)
+    content[UPDATE_EMBEDDINGS] = tensors_to_record({"embeddings": update.embeddings, "labels": update.labels})
+    if update.text_lora is not None:
+        content[UPDATE_TEXT_LORA] = tensors_to_record(update.text_lora)
+    return content
+
+
+def update_from_records(
+    content: RecordDict,
+    image_lora: TensorSpec,
+    text_lora: TensorSpec,
+    num_classes: int,
+    embed_dim: int,
+) -> ClientUpdate:
+    """Rebuild and check a ClientUpdate against the server's model and class count."""
+    info = content.get(UPDATE_INFO)
+    if not isinstance(info, MetricRecord):
+        raise RecordError(f"reply lacks the MetricRecord {UPDATE_INFO!r}")
+    client_id = _int(info, "client-id", UPDATE_INFO)
+    num_samples = _int(info, "num-examples", UPDATE_INFO)
+    if num_samples < 1:
+        raise RecordError(f"{UPDATE_INFO}['num-examples'] must be >= 1, got {num_samples}")
+    metrics_record = content.get(UPDATE_METRICS)
+    if not isinstance(metrics_record, MetricRecord):
+        raise RecordError(f"reply lacks the MetricRecord {UPDATE_METRICS!r}")
+    metrics = {}
+    for key, value in metrics_record.items():
+        if isinstance(value, list):
+            raise RecordError(f"{UPDATE_METRICS}[{key!r}] must be a number, got a list")
+        metrics[key] = float(value)
+    pairs = record_to_tensors(_array_record(content, UPDATE_EMBEDDINGS), UPDATE_EMBEDDINGS)
+    z, y = pairs.get("embeddings"), pairs.get("labels")
+    if z is None or z.ndim != 2 or z.shape[1] != embed_dim or not z.is_floating_point():
+        got = "nothing" if z is None else f"{tuple(z.shape)} {z.dtype}"
+        raise RecordError(f"{UPDATE_EMBEDDINGS}['embeddings'] must be a float (n, {embed_dim}) array, got {got}")
+    if y is None or y.ndim != 1 or y.dtype != torch.int64 or len(y) != len(z):
+        got = "nothing" if y is None else f"{tuple(y.shape)} {y.dtype}"
+        raise RecordError(f"{UPDATE_EMBEDDINGS}['labels'] must be an int64 ({len(z)},) array, got {got}")
+    if len(y) and (int(y.min()) < 0 or int(y.max()) >= num_classes):
+        raise RecordError(f"{UPDATE_EMBEDDINGS}['labels'] must lie in [0, {num_classes}), got [{int(y.min())}, {int(y.max())}]")
+    _check_finite(z, f"{UPDATE_EMBEDDINGS}['embeddings']")
+    text = content.get(UPDATE_TEXT_LORA)
+    return ClientUpdate(
+        client_id=client_id,
+        num_samples=num_samples,
+        image_lora=checked_state(_array_record(content, UPDATE_IMAGE_LORA), image_lora, UPDATE_IMAGE_LORA),
+        embeddings=z,
+        labels=y,
+        metrics=metrics,
+        text_lora=None if text is None else checked_state(text, text_lora, UPDATE_TEXT_LORA),
+    )
+
+
+# ----- handshake ----------------------------------------------------------------------------------
+
+
+def hello_query(experiment_toml: str) -> RecordDict:
+    content = RecordDict()
+    content[HELLO] = ConfigRecord({"experiment": experiment_toml})
+    return content
+
+
+def hello_reply(partition_id: int, num_partitions: int, classes: list[int], num_examples: int) -> RecordDict:
+    content = RecordDict()
+    content[HELLO] = ConfigRecord(
+        {
+            "partition-id": partition_id,
+            "num-partitions": num_partitions,
+            "classes": [int(c) for c in classes],
+            "num-examples": num_examples,
+        }
+    )
+    return content
+
+
+def parse_hello_reply(content: RecordDict, num_classes: int) -> tuple[int, int, list[int], int]:
+    """(partition id, num partitions, the client's base-class indices, its training images)."""
+    record = content.get(HELLO)
+    if not isinstance(record, ConfigRecord):
+        raise RecordError(f"handshake reply lacks the ConfigRecord {HELLO!r}")
+    pid = _int(record, "partition-id", HELLO)
+    n = _int(record, "num-partitions", HELLO)
+    num_examples = _int(record, "num-examples", HELLO)
+    classes = record.get("classes")
+    if not isinstance(classes, list) or not all(isinstance(c, int) and not isinstance(c, bool) for c in classes):
+        raise RecordError(f"{HELLO}['classes'] must be a list of integers, got {classes!r}")
+    if any(not 0 <= c < num_classes for c in classes):
+        raise RecordError(f"{HELLO}['classes'] must lie in [0, {num_classes}), got {classes}")
+    return pid, n, sorted(classes), num_examples

@@ -1,0 +1,194 @@
+"""FedDTL on Flower across OS processes: the Deployment Engine on loopback (TLS + SuperNode
+authentication) and the Simulation Engine, each against the in-process run of the same config.
+
+Every Flower process is started in its own session and ended in fixture teardown, also on failure.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from feddtl.backbones.tiny_clip import build_tiny_clip
+from feddtl.config import load_config
+from feddtl.flower.certs import write_dev_pki
+from feddtl.flower.deploy import COMPLETED, LocalDeployment, flower_bin_dir
+from feddtl.rundir import result_fields
+from feddtl.sim.inprocess import run_experiment
+
+REPO = Path(__file__).resolve().parents[1]
+# tiny with two clients (pathological needs 2 x 3 classes to cover the 5 base classes), two rounds.
+OVERRIDES = ["num_clients=2", "rounds=2", "classes_per_client=3"]
+# Besides the machine's measurements (rundir.result_fields drops wall time and memory): the engine's
+# name, and the trunk-cache summary, which describes where features live (the Flower server caches only
+# the test sets; each client's features are cached on its own node), not what the run computed.
+PLACEMENT = ("engine", "cache")
+
+
+def comparable(row: dict) -> dict:
+    return {k: v for k, v in result_fields(row).items() if k not in PLACEMENT}
+RUN_TIMEOUT_S = 600.0
+
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the tiny CLIP loads from a local folder; never the network
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    """The in-process run of the config both engines run."""
+    out = tmp_path_factory.mktemp("inprocess")
+    run_experiment(load_config("tiny", OVERRIDES), out, progress=False, log_fn=lambda s: None)
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_clip_overrides(tmp_path_factory) -> list[str]:
+    """The same config on a tiny random CLIP: a backbone built in a second, not the lite one's ~15 s
+    text bridge, which every Simulation Engine actor would pay again."""
+    path = build_tiny_clip(tmp_path_factory.mktemp("tiny_clip"), seed=0, image_size=32)
+    return [*OVERRIDES, f"backbone='hf-clip:{path}'"]
+
+
+@pytest.fixture(scope="module")
+def tiny_clip_reference(tmp_path_factory, tiny_clip_overrides) -> Path:
+    out = tmp_path_factory.mktemp("inprocess_tiny_clip")
+    run_experiment(load_config("tiny", tiny_clip_overrides), out, progress=False, log_fn=lambda s: None)
+    return out
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("certs")
+    write_dev_pki(folder, nodes=2)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def stranger(tmp_path_factory) -> Path:
+    """Another CA and a node key that the SuperLink never registered."""
+    folder = tmp_path_factory.mktemp("stranger")
+    write_dev_pki(folder, nodes=1)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory, certs):
+    """A SuperLink with TLS and SuperNode authentication on, node0 and node1 registered."""
+    dep = LocalDeployment(tmp_path_factory.mktemp("deployment"), certs)
+    try:
+        dep.start_superlink()
+        for k in range(2):
+            dep.register(certs / f"node{k}.pub")
+        yield dep
+    finally:
+        dep.stop()
+    leftovers = [name for name, proc in dep.procs.items() if proc.poll() is None]
+    assert not leftovers, f"processes left running: {leftovers}"
+
+
+def _values_match(a, b, path: str) -> list[str]:
+    """Differences between two JSON values, numbers compared within floating-point tolerance."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = [f"{path}: keys {sorted(set(a) ^ set(b))} differ"] if set(a) != set(b) else []
+        return out + [d for k in sorted(set(a) & set(b)) for d in _values_match(a[k], b[k], f"{path}.{k}")]
+    if isinstance(a, list) and isinstance(b, list):
+        if len(a) != len(b):
+            return [f"{path}: {len(a)} vs {len(b)} items"]
+        return [d for i, (x, y) in enumerate(zip(a, b)) for d in _values_match(x, y, f"{path}[{i}]")]
+    if isinstance(a, float) or isinstance(b, float):
+        ok = isinstance(a, (int, float)) and isinstance(b, (int, float)) and math.isclose(a, b, rel_tol=1e-5, abs_tol=1e-6)
+        return [] if ok else [f"{path}: {a!r} vs {b!r}"]
+    return [] if a == b else [f"{path}: {a!r} vs {b!r}"]
+
+
+def assert_same_run(run: Path, reference: Path, engine: str) -> None:
+    """Same results, per-round metrics, config and final weights as the in-process run.
+
+    The engines call the same functions on the same inputs in the same order (updates are aggregated
+    in partition order), so exact equality holds when the client processes use the in-process run's
+    torch thread count: the Deployment Engine's did, and its numbers came out bit-identical. The
+    Simulation Engine's Ray actors run with OMP_NUM_THREADS = their num_cpus (1), and a different
+    thread count splits the floating-point sums inside matrix products differently: with the tiny
+    CLIP the client weights then differ in the last bits (~1e-7), which the server's text step carries
+    on (checked: an in-process run with its client steps at one thread reproduces the simulation's
+    numbers exactly). Hence the tolerances: 1e-5 relative on metrics, and on weights 1e-5 absolute,
+    one percent of a single Adam step (lr 1e-3).
+    """
+    results = json.loads((run / "results.json").read_text())
+    expected = json.loads((reference / "results.json").read_text())
+    assert results["engine"] == engine and expected["engine"] == "inprocess"
+    assert results["rounds"] == 2 and results["num_clients"] == 2
+    assert _values_match(comparable(expected), comparable(results), "results") == []
+    rows = [comparable(json.loads(line)) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    expected_rows = [comparable(json.loads(line)) for line in (reference / "metrics.jsonl").read_text().splitlines()]
+    assert _values_match(expected_rows, rows, "metrics") == []
+    assert (run / "config.toml").read_text() == (reference / "config.toml").read_text()
+    weights, expected_weights = load_file(run / "final_lora.safetensors"), load_file(reference / "final_lora.safetensors")
+    assert list(weights) == list(expected_weights)
+    for name, tensor in expected_weights.items():
+        torch.testing.assert_close(weights[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def _wait_exit(proc: subprocess.Popen, timeout: float) -> int | None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    return proc.poll()
+
+
+def test_unregistered_supernode_is_refused(deployment, stranger) -> None:
+    proc = deployment.start_supernode(0, 2, stranger / "node0", name="unregistered")
+    code = _wait_exit(proc, 60)
+    log = deployment.log_tail("unregistered")
+    assert code is not None and code != 0, f"an unregistered SuperNode was not refused:\n{log}"
+    assert "Failed to activate SuperNode" in log
+
+
+def test_supernode_that_does_not_trust_the_superlink_certificate_is_refused(deployment, certs, stranger) -> None:
+    proc = deployment.start_supernode(0, 2, certs / "node0", name="wrong-ca", root_certificates=stranger / "ca.crt")
+    code = _wait_exit(proc, 60)
+    log = deployment.log_tail("wrong-ca")
+    assert code is not None and code != 0, f"a SuperNode connected without trusting the CA:\n{log}"
+    assert "CERTIFICATE_VERIFY_FAILED" in log
+
+
+@pytest.mark.slow
+def test_deployment_engine_matches_inprocess(deployment, certs, reference, tmp_path) -> None:
+    # prepare: two SuperNodes, separate OS processes, each holding one partition
+    for k in range(2):
+        deployment.start_supernode(k, 2, certs / f"node{k}")
+    out = tmp_path / "run"
+    overrides = " ".join(OVERRIDES)
+    # execute: submit with `flwr run` from the repository root (the Flower App in pyproject.toml)
+    run_id = deployment.submit(REPO, f"overrides='{overrides}' out='{out}'")
+    row = deployment.wait_run(run_id, RUN_TIMEOUT_S)
+    # assert: the run's final status (`flwr run` exits 0 for failed runs too), then the numbers
+    assert row["status"] == COMPLETED, f"run {run_id}: {row['status']} {row['status-details']}\n{deployment.run_log(run_id)}"
+    assert_same_run(out, reference, engine="flower-deployment")
+
+
+@pytest.mark.slow
+def test_simulation_engine_cli_matches_inprocess(tiny_clip_overrides, tiny_clip_reference, tmp_path) -> None:
+    out = tmp_path / "run"
+    args = [sys.executable, "-m", "feddtl", "run", "--config", "tiny", "--engine", "flower-sim", "--quiet", "--out", str(out)]
+    for item in tiny_clip_overrides:
+        args += ["--set", item]
+    # a process of its own: Ray's workers and state never outlive it inside the test session
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=RUN_TIMEOUT_S, start_new_session=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert_same_run(out, tiny_clip_reference, engine="flower-sim")
+
+
+def test_flower_executables_come_with_the_environment() -> None:
+    for name in ("flower-superlink", "flower-supernode", "flwr"):
+        assert (flower_bin_dir() / name).exists(), f"{name} is not next to {sys.executable}"
