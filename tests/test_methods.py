@@ -99,6 +99,7 @@ def test_promptfl_initial_context_reproduces_the_plain_prompts(fed):
 @pytest.mark.slow
 def test_shared_federation_runs_equal_standalone_runs(clip_dir, tmp_path):
     from feddtl.bench.worker import run_cells
+    from feddtl.rundir import result_fields
     from feddtl.sim.inprocess import run_experiment
 
     cfg_lora, cfg_dtl = _config(clip_dir, "fedlora"), _config(clip_dir, "feddtl")
@@ -107,7 +108,7 @@ def test_shared_federation_runs_equal_standalone_runs(clip_dir, tmp_path):
 
     def strip(path):
         rows = [json.loads(x) for x in (path / "metrics.jsonl").read_text().splitlines()]
-        return [{k: v for k, v in r.items() if not k.startswith("time") and k != "peak_rss_mb"} for r in rows]
+        return [result_fields(r) for r in rows]
 
     assert strip(tmp_path / "b") == strip(tmp_path / "solo")
     assert (tmp_path / "b" / "final_lora.safetensors").read_bytes() == (tmp_path / "solo" / "final_lora.safetensors").read_bytes()
