@@ -39,6 +39,11 @@ class ClientData:
     def __len__(self) -> int:
         return len(self.labels)
 
+    def require_images(self) -> None:
+        """Every method's client step starts here: an empty client cannot train."""
+        if len(self) == 0:
+            raise ValueError(f"client {self.client_id} has no training images")
+
 
 def minibatches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
     """Seeded shuffled index batches covering 0..n-1 once."""
@@ -206,8 +211,7 @@ def client_step(
     seed: int,
 ) -> ClientUpdate:
     """One local round of FedDTL on one client; returns what the client uploads."""
-    if len(data) == 0:
-        raise ValueError(f"client {data.client_id} has no training images")
+    data.require_images()
     generator = torch.Generator().manual_seed(seed)
     backbone.load_image_lora(task.image_lora)
     params = backbone.image_lora_parameters()

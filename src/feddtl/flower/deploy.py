@@ -40,6 +40,21 @@ def is_flower_process(pid: int) -> bool:
         return False
     return b"flower" in cmdline or b"flwr" in cmdline
 
+def _signal(groups: set[int], pids: list[int], sig: signal.Signals) -> None:
+    """Send ``sig`` to the process groups and to those of ``pids`` that are still Flower processes."""
+    for pgid in groups:
+        try:
+            os.killpg(pgid, sig)
+        except ProcessLookupError:
+            pass
+    for pid in pids:
+        if is_flower_process(pid):
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+
+
 
 def descendants(pid: int) -> list[int]:
     """Child processes of ``pid``, recursively (Linux /proc; elsewhere none are found)."""
@@ -227,34 +242,14 @@ class LocalDeployment:
         # are not in our groups: collect them while their parents still live.
         targets = [pid for proc in self.procs.values() for pid in descendants(proc.pid)]
         groups = {proc.pid for proc in self.procs.values()}
-        for pgid in groups:
-            try:
-                os.killpg(pgid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-        for pid in targets:
-            if is_flower_process(pid):
-                try:
-                    os.kill(pid, signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
+        _signal(groups, targets, signal.SIGTERM)
         deadline = time.monotonic() + grace
         for proc in self.procs.values():
             try:
                 proc.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 pass
-        for pgid in groups:
-            try:
-                os.killpg(pgid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        for pid in targets:
-            if is_flower_process(pid):
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+        _signal(groups, targets, signal.SIGKILL)
         for proc in self.procs.values():
             try:
                 proc.wait(timeout=5)

@@ -97,8 +97,7 @@ class FedLoRA(Method):
     def client_step(
         backbone: Backbone, data: ClientData, task: ClientTask, config: ExperimentConfig, seed: int
     ) -> ClientUpdate:
-        if len(data) == 0:
-            raise ValueError(f"client {data.client_id} has no training images")
+        data.require_images()
         if task.text_lora is None:
             raise ValueError("FedLoRA-style tasks must carry the global text LoRA")
         base_text = _client_T(backbone, data)

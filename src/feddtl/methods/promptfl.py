@@ -78,8 +78,7 @@ class PromptFL(Method):
     def client_step(
         backbone: Backbone, data: ClientData, task: ClientTask, config: ExperimentConfig, seed: int
     ) -> ClientUpdate:
-        if len(data) == 0:
-            raise ValueError(f"client {data.client_id} has no training images")
+        data.require_images()
         if "context" not in task.extra:
             raise ValueError("a PromptFL task must carry the context vectors in extra['context']")
         generator = torch.Generator().manual_seed(seed)
