@@ -78,6 +78,9 @@ def communication_summary(rows: Sequence[dict[str, Any]], backbone_param_bytes: 
     down_client = float(np.mean([r["bytes_down_per_client"] for r in rounds])) if rounds else 0.0
     frac = (lambda b: b / backbone_param_bytes) if backbone_param_bytes > 0 else (lambda b: float("nan"))
     return {
+        "bytes_up_total": up_total,
+        "bytes_down_total": down_total,
+        "backbone_param_bytes": backbone_param_bytes,
         "upload_per_client_round_bytes": up_client,
         "upload_per_client_round_max_bytes": up_client_max,
         "upload_fraction_of_backbone": frac(up_client),
