@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from feddtl.bench.report import write_report
-from feddtl.bench.suite import SuiteError, available_suites, federation_key, load_suite, preflight
+from feddtl.bench.runner import is_finished
+from feddtl.bench.suite import SuiteError, available_suites, cell_config_text, federation_key, load_suite, preflight
 from feddtl.cli import main
 
 METHODS = ["zeroshot", "fedlora", "promptfl", "feddtl-decoupled", "feddtl-twostage", "feddtl"]
@@ -110,6 +111,31 @@ def test_report_aggregates_mean_and_sample_std_over_seeds(tmp_path):
     assert rows["fedlora"]["client_kl"] == ""  # no RL stage: blank, not zero
     table = (tmp_path / "table.md").read_text()
     assert "**20.00 ± 10.00**" in table and "S one" in table
+
+
+def test_a_finished_cell_survives_new_config_sections_but_not_changed_values(tmp_path):
+    # prepare: a finished cell whose stored config.toml predates the [prompt] section
+    cell = load_suite("smoke").cells()[0]
+    run_dir = cell.run_dir(tmp_path)
+    run_dir.mkdir(parents=True)
+    (run_dir / "results.json").write_text("{}")
+    text = cell_config_text(cell)
+    start = text.index("[prompt]")
+    end = text.index("\n[", start + 1)
+    older = text[:start] + text[end + 1 :]
+    assert "[prompt]" not in older
+    config = run_dir / "config.toml"
+    # execute / assert: missing keys take today's defaults
+    config.write_text(older)
+    assert is_finished(cell, tmp_path)
+    # a changed value, or a key that no longer exists, means the cell runs again
+    config.write_text(text.replace(f"rounds = {cell.config.rounds}", f"rounds = {cell.config.rounds + 1}"))
+    assert not is_finished(cell, tmp_path)
+    config.write_text(text + "\n[retired]\nknob = 1\n")
+    assert not is_finished(cell, tmp_path)
+    (run_dir / "results.json").unlink()
+    config.write_text(text)
+    assert not is_finished(cell, tmp_path)
 
 
 @pytest.mark.slow

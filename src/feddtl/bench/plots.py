@@ -17,6 +17,14 @@ if TYPE_CHECKING:
     from feddtl.bench.report import CellSummary
 
 
+def _legend(axes: Any, **kwargs: Any) -> None:
+    """One legend, on the first panel that drew something (a scenario with no finished runs draws nothing)."""
+    for ax in axes.flat:
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(**kwargs)
+            return
+
+
 def _grid(n: int) -> tuple[int, int]:
     cols = min(3, n)
     return math.ceil(n / cols), cols
@@ -75,7 +83,7 @@ def plot_curves(suite: dict[str, Any], cells: dict[tuple[str, str], CellSummary]
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(scenarios):]:
         ax.axis("off")
-    axes.flat[0].legend(fontsize=7)
+    _legend(axes, fontsize=7)
     fig.suptitle("HM vs round (mean over seeds)")
     return _save(fig, path)
 
@@ -100,7 +108,7 @@ def plot_clients(suite: dict[str, Any], cells: dict[tuple[str, str], CellSummary
         ax.grid(axis="y", alpha=0.3)
     for ax in list(axes.flat)[len(scenarios):]:
         ax.axis("off")
-    axes.flat[0].legend(fontsize=7)
+    _legend(axes, fontsize=7)
     fig.suptitle("Per-client local accuracy (mean over seeds)")
     return _save(fig, path)
 
@@ -127,7 +135,7 @@ def plot_domains(
         ax.set_ylabel("HM (%)")
         ax.set_title(f"HM per domain — {sc.get('title', sc['name'])}", fontsize=9)
         ax.grid(axis="y", alpha=0.3)
-    axes.flat[0].legend(fontsize=7, ncol=min(3, len(methods)))
+    _legend(axes, fontsize=7, ncol=min(3, len(methods)))
     return _save(fig, path)
 
 

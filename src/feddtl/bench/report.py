@@ -2,7 +2,9 @@
 
 Reads DIR/suite.toml and every DIR/runs/<scenario>/<method>/seed<k>/{results.json, metrics.jsonl};
 writes table.md, table.csv (method x scenario: Base / Novel / HM / Local mean and std over seeds, plus
-the final-round RL diagnostics), domains.csv (feature-shift scenarios: accuracy per domain) and plots.
+the final-round RL diagnostics), comparison.csv (FedDTL against every other method, and the paper's
+claims, as win / tie / loss verdicts: see ``compare``), domains.csv (feature-shift scenarios: accuracy
+per domain) and plots.
 Standard deviations are sample standard deviations (n - 1) over the seeds that finished.
 """
 
@@ -17,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from feddtl.bench.compare import PAPER_CLAIMS, REFERENCE, claim_outcome, signed, verdict
 
 METRICS = (("base_acc", "Base"), ("novel_acc", "Novel"), ("hm", "HM"), ("local_acc", "Local"))
 RL_DIAGNOSTICS = (
@@ -152,6 +156,7 @@ def markdown_table(suite: dict[str, Any], cells: dict[tuple[str, str], CellSumma
             row.append(f"**{text}**" if best[sc["name"]] == m else text)
         lines.append(f"| {m} | " + " | ".join(row) + " |")
     lines += ["", "Scenarios: " + "; ".join(f"`{sc['name']}` = {sc.get('title', sc['name'])}" for sc in scenarios), ""]
+    lines += comparison_sections(suite, cells)
     for sc in scenarios:
         lines += [
             f"## {sc.get('title', sc['name'])} (`{sc['name']}`)",
@@ -174,6 +179,93 @@ def markdown_table(suite: dict[str, Any], cells: dict[tuple[str, str], CellSumma
                 lines.append(f"| {m} | " + " | ".join(_fmt(*domain_stats(s, d, "hm")) for d in domains) + " |")
         lines.append("")
     return "\n".join(lines)
+
+
+def _counts(outcomes: list[str], labels: tuple[str, ...]) -> str:
+    return " / ".join(str(outcomes.count(label)) for label in labels)
+
+
+def comparison_sections(suite: dict[str, Any], cells: dict[tuple[str, str], CellSummary]) -> list[str]:
+    """Markdown: FedDTL against each other method (HM per scenario, win / tie / loss counts per metric),
+    then the paper's claims per scenario. Empty when the suite has no ``feddtl`` cells."""
+    scenarios, methods = [sc["name"] for sc in suite.get("scenario", [])], suite.get("methods", [])
+    if REFERENCE not in methods:
+        return []
+    lines = [
+        f"## `{REFERENCE}` against each method",
+        "",
+        f"HM of `{REFERENCE}` minus the method's, in points, per scenario; a tie is a difference within one "
+        "sample std of either cell. The last columns count wins / ties / losses over the scenarios per metric.",
+        "",
+        "| method | " + " | ".join(scenarios) + " | " + " | ".join(f"{label} W/T/L" for _, label in METRICS) + " |",
+        "|---|" + "---|" * (len(scenarios) + len(METRICS)),
+    ]
+    for m in methods:
+        if m == REFERENCE:
+            continue
+        row = []
+        for sc in scenarios:
+            v = verdict(cells[(sc, REFERENCE)].values("hm"), cells[(sc, m)].values("hm"))
+            row.append(v.outcome if v.outcome == "n/a" else f"{v.outcome} {signed(v.delta)}")
+        for key, _ in METRICS:
+            outcomes = [verdict(cells[(sc, REFERENCE)].values(key), cells[(sc, m)].values(key)).outcome for sc in scenarios]
+            row.append(_counts(outcomes, ("win", "tie", "loss")))
+        lines.append(f"| {m} | " + " | ".join(row) + " |")
+    claims = [c for c in PAPER_CLAIMS if c.method in methods and c.baseline in methods]
+    if claims:
+        lines += [
+            "",
+            "## The paper's direction",
+            "",
+            "Each claim is a difference the paper's ablation reports (7 datasets, few-shot non-IID, CLIP ViT-B/16); "
+            "here, the measured difference per scenario: *holds* (same sign, beyond a tie), *tie*, or *reversed*.",
+            "",
+            "| claim | metric | paper | " + " | ".join(scenarios) + " | holds / tie / reversed |",
+            "|---|---|---|" + "---|" * (len(scenarios) + 1),
+        ]
+        labels = dict(METRICS)
+        for c in claims:
+            row, outcomes = [], []
+            for sc in scenarios:
+                v = verdict(cells[(sc, c.method)].values(c.metric), cells[(sc, c.baseline)].values(c.metric))
+                outcome = claim_outcome(v, c.paper_delta)
+                outcomes.append(outcome)
+                row.append(outcome if outcome == "n/a" else f"{outcome} {signed(v.delta)}")
+            lines.append(
+                f"| {c.text} (`{c.method}` − `{c.baseline}`) | {labels[c.metric]} | {signed(c.paper_delta)} | "
+                + " | ".join(row) + f" | {_counts(outcomes, ('holds', 'tie', 'reversed'))} |"
+            )
+    lines.append("")
+    return lines
+
+
+COMPARISON_FIELDS = ["kind", "method", "baseline", "metric", "scenario", "delta", "margin", "outcome", "paper_delta"]
+
+
+def comparison_rows(suite: dict[str, Any], cells: dict[tuple[str, str], CellSummary]) -> list[dict[str, Any]]:
+    """comparison.csv: one row per (FedDTL vs method, metric, scenario) and per (claim, scenario)."""
+    scenarios, methods = [sc["name"] for sc in suite.get("scenario", [])], suite.get("methods", [])
+    rows: list[dict[str, Any]] = []
+
+    def add(kind: str, a: str, b: str, key: str, sc: str, paper: float | None) -> None:
+        v = verdict(cells[(sc, a)].values(key), cells[(sc, b)].values(key))
+        outcome = v.outcome if paper is None else claim_outcome(v, paper)
+        rows.append({"kind": kind, "method": a, "baseline": b, "metric": key, "scenario": sc,
+                     "delta": "" if v.delta != v.delta else round(v.delta, 4),
+                     "margin": "" if v.margin != v.margin else round(v.margin, 4),
+                     "outcome": outcome, "paper_delta": "" if paper is None else round(paper, 2)})
+
+    if REFERENCE in methods:
+        for m in methods:
+            if m != REFERENCE:
+                for key, _ in METRICS:
+                    for sc in scenarios:
+                        add("vs-feddtl", REFERENCE, m, key, sc, None)
+    for c in PAPER_CLAIMS:
+        if c.method in methods and c.baseline in methods:
+            for sc in scenarios:
+                add("paper-claim", c.method, c.baseline, c.metric, sc, c.paper_delta)
+    return rows
 
 
 CSV_FIELDS = (
@@ -208,7 +300,8 @@ def _write_csv(path: Path, fields: list[str], rows: list[dict[str, Any]]) -> Non
 
 
 def write_report(out: str | Path) -> list[Path]:
-    """Write table.md, table.csv, domains.csv (if any domains) and the plots; returns the files written."""
+    """Write table.md, table.csv, comparison.csv (if the suite has feddtl), domains.csv (if any domains)
+    and the plots; returns the files written."""
     from feddtl.bench.plots import plot_suite
 
     out = Path(out)
@@ -216,6 +309,10 @@ def write_report(out: str | Path) -> list[Path]:
     written = [out / "table.md", out / "table.csv"]
     (out / "table.md").write_text(markdown_table(suite, cells) + "\n")
     _write_csv(out / "table.csv", CSV_FIELDS, csv_rows(suite, cells))
+    comparison = comparison_rows(suite, cells)
+    if comparison:
+        _write_csv(out / "comparison.csv", COMPARISON_FIELDS, comparison)
+        written.append(out / "comparison.csv")
     domain_rows = []
     for sc in suite.get("scenario", []):
         methods = suite.get("methods", [])

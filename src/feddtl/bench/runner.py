@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from feddtl.bench.suite import Cell, Suite, cell_config_text, preflight
+from feddtl.config import loads_config, to_toml
 from feddtl.rundir import atomic_write_text
 
 
@@ -48,9 +49,24 @@ class Job:
 
 
 def is_finished(cell: Cell, out: Path) -> bool:
+    """The cell's run directory holds results.json and the cell's config.
+
+    The stored config.toml is compared after loading it, so keys it lacks take today's defaults: a
+    feddtl that adds a config section (e.g. a new method's) does not rerun a finished suite, while a
+    changed value (or a changed default the file states) does. A stored config that no longer loads
+    (a key was removed) counts as unfinished.
+    """
     run_dir = cell.run_dir(out)
     config = run_dir / "config.toml"
-    return (run_dir / "results.json").is_file() and config.is_file() and config.read_text() == cell_config_text(cell)
+    if not ((run_dir / "results.json").is_file() and config.is_file()):
+        return False
+    text, expected = config.read_text(), cell_config_text(cell)
+    if text == expected:
+        return True
+    try:
+        return to_toml(loads_config(text, str(config))) == expected
+    except ValueError:  # ConfigError, or a value that no longer validates
+        return False
 
 
 def plan_jobs(cells: list[Cell], out: Path) -> tuple[list[Job], int]:
