@@ -112,6 +112,27 @@ def test_report_aggregates_mean_and_sample_std_over_seeds(tmp_path):
     assert "**20.00 ± 10.00**" in table and "S one" in table
 
 
+def test_a_run_from_before_a_config_section_was_added_counts_as_finished(tmp_path):
+    # prepare: a finished cell whose config.toml lacks the [fedpgp] section (written before it existed),
+    # and one whose config.toml differs in a value
+    from feddtl.bench.runner import is_finished
+    from feddtl.bench.suite import cell_config_text
+
+    old, changed = load_suite("smoke").cells()[:2]
+    text = cell_config_text(old)
+    start = text.index("[fedpgp]")
+    for cell, config in ((old, text[:start] + text[text.index("[", start + 1):]),
+                         (changed, cell_config_text(changed).replace("seed = 0", "seed = 7"))):
+        run_dir = cell.run_dir(tmp_path)
+        run_dir.mkdir(parents=True)
+        (run_dir / "results.json").write_text("{}")
+        (run_dir / "config.toml").write_text(config)
+    # execute / assert
+    assert "[fedpgp]" not in (old.run_dir(tmp_path) / "config.toml").read_text()
+    assert is_finished(old, tmp_path)
+    assert not is_finished(changed, tmp_path)
+
+
 @pytest.mark.slow
 def test_smoke_suite_runs_resumes_and_regenerates(tmp_path):
     out = tmp_path / "smoke"
