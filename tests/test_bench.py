@@ -114,16 +114,16 @@ def test_report_aggregates_mean_and_sample_std_over_seeds(tmp_path):
 
 
 def test_a_finished_cell_survives_new_config_sections_but_not_changed_values(tmp_path):
-    # prepare: a finished cell whose stored config.toml predates the [prompt] section
+    # prepare: a finished cell whose stored config.toml predates the [fedpgp] section
     cell = load_suite("smoke").cells()[0]
     run_dir = cell.run_dir(tmp_path)
     run_dir.mkdir(parents=True)
     (run_dir / "results.json").write_text("{}")
     text = cell_config_text(cell)
-    start = text.index("[prompt]")
-    end = text.index("\n[", start + 1)
-    older = text[:start] + text[end + 1 :]
-    assert "[prompt]" not in older
+    start = text.index("[fedpgp]")
+    end = text.find("\n[", start + 1)
+    older = text[:start] + (text[end + 1 :] if end >= 0 else "")
+    assert "[fedpgp]" not in older
     config = run_dir / "config.toml"
     # execute / assert: missing keys take today's defaults
     config.write_text(older)

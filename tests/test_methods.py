@@ -52,7 +52,9 @@ def _one_client_round(fed, method_name: str, round_num: int):
 
 
 def test_registry_lists_every_baseline():
-    assert {"zeroshot", "fedlora", "promptfl", "feddtl-decoupled", "feddtl-twostage", "feddtl"} <= set(available_methods())
+    assert {"zeroshot", "fedlora", "promptfl", "fedpgp", "feddtl-decoupled", "feddtl-twostage", "feddtl"} <= set(
+        available_methods()
+    )
 
 
 def test_fedlora_trains_both_towers_and_uploads_no_embeddings(fed):

@@ -22,6 +22,7 @@ from feddtl.cache.cache_config import CacheConfig
 from feddtl.checkpoint_config import CheckpointConfig
 from feddtl.data.data_config import DataConfig
 from feddtl.flower.flower_config import FlowerConfig
+from feddtl.methods.fedpgp_config import FedPGPConfig
 from feddtl.methods.promptfl_config import PromptConfig
 from feddtl.sim.robust_config import FaultConfig, RobustnessConfig
 
@@ -94,6 +95,7 @@ class ExperimentConfig:
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
     prompt: PromptConfig = field(default_factory=PromptConfig)
+    fedpgp: FedPGPConfig = field(default_factory=FedPGPConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -149,7 +151,7 @@ class ExperimentConfig:
                 raise ConfigError(message)
         for section in (
             self.data, self.lora, self.client, self.grpo, self.server, self.prompt, self.cache, self.checkpoint,
-            self.robustness, self.flower,
+            self.robustness, self.flower, self.fedpgp,
         ):
             try:
                 section.validate()

@@ -3,7 +3,8 @@
 Base: test images of base classes, classified among base classes. Novel: test images of novel
 classes among novel classes, with text embeddings from the trained server text encoder.
 Local: for each client, test images of the classes in its training data, classified among those
-classes; averaged over clients. HM = 2 B N / (B + N).
+classes; averaged over clients (personalised methods: each client with its own class embeddings).
+HM = 2 B N / (B + N).
 """
 
 from __future__ import annotations
@@ -46,16 +47,28 @@ def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
     return 100.0 * (logits.argmax(-1) == labels).float().mean().item() if len(labels) else float("nan")
 
 
-def local_accuracy(base_logits: torch.Tensor, labels: torch.Tensor, client_classes: Sequence[Sequence[int]]) -> list[float]:
-    """Per client: accuracy on its classes' test images, classified among its own classes."""
+def local_accuracy(
+    base_logits: torch.Tensor,
+    labels: torch.Tensor,
+    client_classes: Sequence[Sequence[int]],
+    client_logits: Sequence[torch.Tensor] | None = None,
+) -> list[float]:
+    """Per client: accuracy on its classes' test images, classified among its own classes.
+
+    ``client_logits``: per client, its own base-class logits of every test image (personalised methods);
+    None: every client is scored with ``base_logits``.
+    """
+    if client_logits is not None and len(client_logits) != len(client_classes):
+        raise ValueError(f"{len(client_logits)} clients' logits for {len(client_classes)} clients")
     out = []
-    for classes in client_classes:
+    for i, classes in enumerate(client_classes):
         cls = torch.tensor(sorted(classes), dtype=torch.long)
         mask = torch.isin(labels, cls)
         if not mask.any():
             out.append(float("nan"))
             continue
-        sub = base_logits[mask][:, cls]
+        logits = base_logits if client_logits is None else client_logits[i]
+        sub = logits[mask][:, cls]
         # map labels to positions within the client's class list
         pos = torch.searchsorted(cls, labels[mask])
         out.append(accuracy(sub, pos))
@@ -64,17 +77,27 @@ def local_accuracy(base_logits: torch.Tensor, labels: torch.Tensor, client_class
 
 @torch.no_grad()
 def evaluate(
-    backbone: Backbone, eval_set: EvalSet, base_T: torch.Tensor, novel_T: torch.Tensor, batch_size: int
+    backbone: Backbone,
+    eval_set: EvalSet,
+    base_T: torch.Tensor,
+    novel_T: torch.Tensor,
+    batch_size: int,
+    client_base_T: Sequence[torch.Tensor] | None = None,
 ) -> dict[str, Any]:
     """Base / Novel / Local accuracy and HM (percent) of the model loaded in ``backbone``; with domains,
-    also ``per_domain_acc`` (domain -> base / novel / hm)."""
+    also ``per_domain_acc`` (domain -> base / novel / hm).
+
+    ``client_base_T``: per client, the base-class text embeddings its Local accuracy uses (personalised
+    methods, ``Method.prepare_local_eval``); None: ``base_T`` for every client.
+    """
     zb = image_embeddings(backbone, eval_set.base_features, batch_size)
     zn = image_embeddings(backbone, eval_set.novel_features, batch_size)
     base_logits = zb @ base_T.T
     novel_logits = zn @ novel_T.T
     base_acc = accuracy(base_logits, eval_set.base_labels)
     novel_acc = accuracy(novel_logits, eval_set.novel_labels)
-    per_client = local_accuracy(base_logits, eval_set.base_labels, eval_set.client_classes)
+    client_logits = None if client_base_T is None else [zb @ T.T for T in client_base_T]
+    per_client = local_accuracy(base_logits, eval_set.base_labels, eval_set.client_classes, client_logits)
     valid = [a for a in per_client if a == a]
     out: dict[str, Any] = {
         "base_acc": base_acc,

@@ -78,8 +78,13 @@ def sft_epochs(
     epochs: int,
     config: ClientConfig,
     generator: torch.Generator,
+    extra_loss: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> dict[str, float]:
-    """Stage 1: cross-entropy of softmax(s <f_v(x), t_c>) over the base classes."""
+    """Stage 1: cross-entropy of softmax(s <f_v(x), t_c>) over the base classes.
+
+    ``extra_loss(T)``, if given, is a scalar added to every step's loss, computed from that step's class
+    embeddings T (FedPGP's contrastive term); its mean is reported as ``loss_extra``.
+    """
     optimizer = torch.optim.Adam(params, lr=config.lr)
     text_fn = _class_embeddings_fn(class_embeddings, next(backbone.parameters()).device)
     rows = []
@@ -90,10 +95,15 @@ def sft_epochs(
             logits = class_logits(z, T, backbone.logit_scale)
             labels = data.labels[idx].to(logits.device)
             loss = F.cross_entropy(logits, labels)
+            extra = extra_loss(T) if extra_loss is not None else None
+            if extra is not None:
+                loss = loss + extra
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             rows.append({"loss": loss.item(), "train_acc": (logits.argmax(-1) == labels).float().mean().item()})
+            if extra is not None:
+                rows[-1]["loss_extra"] = extra.item()
     return _mean_metrics(rows)
 
 

@@ -43,6 +43,10 @@ class UpdateSpec:
     (which would inflate its aggregation weight) is rejected."""
     text_reference: Mapping[str, torch.Tensor] | None = None
     """The global text LoRA sent, for methods whose clients upload one (None: no text LoRA expected)."""
+    extra_reference: Mapping[str, torch.Tensor] | None = None
+    """The method-specific tensors the update must carry in ``extra`` (``Method.update_extra_reference``:
+    e.g. PromptFL's context, FedPGP's sigma and personal U, V), with the values the client was sent; they
+    are checked like the LoRA states and count in the update norm. None: ``extra`` is not checked."""
 
 
 def _check_state(name: str, state: object, reference: Mapping[str, torch.Tensor]) -> str | None:
@@ -138,12 +142,16 @@ def _validate(update: ClientUpdate, spec: UpdateSpec) -> str | None:
         reason = _check_state("text_lora", update.text_lora, spec.text_reference)
     elif reason is None and update.text_lora is not None:
         reason = "unexpected text_lora in the update"
+    if reason is None and spec.extra_reference is not None:
+        reason = _check_state("extra", update.extra, spec.extra_reference)
     if reason is not None:
         return reason
     if spec.max_norm is not None:
         norm = update_norm(update.image_lora, spec.reference)
         if spec.text_reference is not None:
             norm = (norm**2 + update_norm(update.text_lora, spec.text_reference) ** 2) ** 0.5  # type: ignore[arg-type]
+        if spec.extra_reference is not None:
+            norm = (norm**2 + update_norm(update.extra, spec.extra_reference) ** 2) ** 0.5
         if not norm <= spec.max_norm:
             return f"update norm {norm:.4g} is above the bound {spec.max_norm:.4g} (robustness.max_update_norm)"
     return _check_embeddings(update, spec)

@@ -8,7 +8,8 @@ Layout of the output folder::
     DIR/table.md, table.csv, domains.csv, *.png   the report (`feddtl bench-report DIR` rebuilds it)
 
 A cell is finished when its run directory holds results.json and a config.toml equal to the cell's
-config; finished cells are skipped, so a stopped suite continues where it stopped, and a cell whose
+config (as text, or once loaded: a run from before a config section was added has the section's
+defaults); finished cells are skipped, so a stopped suite continues where it stopped, and a cell whose
 suite entry changed runs again.
 """
 
@@ -24,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from feddtl.bench.suite import Cell, Suite, cell_config_text, preflight
-from feddtl.config import loads_config, to_toml
+from feddtl.config import ConfigError, loads_config
 from feddtl.rundir import atomic_write_text
 
 
@@ -60,12 +61,14 @@ def is_finished(cell: Cell, out: Path) -> bool:
     config = run_dir / "config.toml"
     if not ((run_dir / "results.json").is_file() and config.is_file()):
         return False
-    text, expected = config.read_text(), cell_config_text(cell)
-    if text == expected:
+    text = config.read_text()
+    if text == cell_config_text(cell):
         return True
+    # A run written before a config section was added lacks it in its TOML; loaded, the section takes its
+    # defaults, which compute what the run computed: the cell is finished if the loaded configs are equal.
     try:
-        return to_toml(loads_config(text, str(config))) == expected
-    except ValueError:  # ConfigError, or a value that no longer validates
+        return loads_config(text, source=str(config)) == cell.config
+    except ConfigError:
         return False
 
 

@@ -291,7 +291,7 @@ def federation_key(config: ExperimentConfig) -> str:
     """The config without what only affects training: cells with equal keys can share one federation
     (backbone, partitions, cached trunk features)."""
     values = dataclasses.asdict(config)
-    for k in ("method", "rounds", "client", "grpo", "server", "prompt", "client_fraction"):
+    for k in ("method", "rounds", "client", "grpo", "server", "prompt", "fedpgp", "client_fraction"):
         values.pop(k, None)
     return repr(sorted(values.items()))
 

@@ -23,6 +23,8 @@ TASK_IMAGE_LORA = "feddtl.task.image_lora"
 TASK_CLASS_EMBEDDINGS = "feddtl.task.class_embeddings"
 TASK_SFT_REFERENCE = "feddtl.task.sft_reference_lora"
 TASK_TEXT_LORA = "feddtl.task.text_lora"
+TASK_EXTRA = "feddtl.task.extra"
+"""ArrayRecord of ClientTask.extra (method-specific tensors, e.g. prompt context); absent when empty."""
 HELLO = "feddtl.hello"
 """ConfigRecord of the handshake: experiment (query) / partition-id, num-partitions, classes (reply)."""
 UPDATE_INFO = "feddtl.update.info"
@@ -32,6 +34,9 @@ UPDATE_IMAGE_LORA = "feddtl.update.image_lora"
 UPDATE_EMBEDDINGS = "feddtl.update.embeddings"
 """ArrayRecord: embeddings (n, D) float, labels (n,) int64."""
 UPDATE_TEXT_LORA = "feddtl.update.text_lora"
+UPDATE_EXTRA = "feddtl.update.extra"
+"""ArrayRecord of ClientUpdate.extra; absent when empty. Its names and shapes are the method's business:
+the server's update validation checks them (``Method.update_extra_reference``)."""
 
 STAGES = ("sft", "rl")
 
@@ -87,6 +92,19 @@ def checked_state(record: ArrayRecord, expected: TensorSpec, what: str) -> dict[
     return out
 
 
+def _extra(content: RecordDict, name: str) -> dict[str, torch.Tensor]:
+    """Method-specific tensors of an optional record (empty if absent); float values must be finite."""
+    record = content.get(name)
+    if record is None:
+        return {}
+    if not isinstance(record, ArrayRecord):
+        raise RecordError(f"{name} must be an ArrayRecord, got {type(record).__name__}")
+    extra = record_to_tensors(record, name)
+    for key, value in extra.items():
+        _check_finite(value, f"{name}[{key!r}]")
+    return extra
+
+
 def _array_record(content: RecordDict, name: str) -> ArrayRecord:
     record = content.get(name)
     if not isinstance(record, ArrayRecord):
@@ -121,6 +139,8 @@ def task_to_records(task: ClientTask, experiment_toml: str) -> RecordDict:
         content[TASK_SFT_REFERENCE] = tensors_to_record(task.sft_reference_lora)
     if task.text_lora is not None:
         content[TASK_TEXT_LORA] = tensors_to_record(task.text_lora)
+    if task.extra:
+        content[TASK_EXTRA] = tensors_to_record(task.extra)
     return content
 
 
@@ -151,22 +171,26 @@ def task_from_records(
         raise RecordError(f"{TASK}['stage'] must be one of {STAGES}, got {stage!r}")
     embeddings = record_to_tensors(_array_record(content, TASK_CLASS_EMBEDDINGS), TASK_CLASS_EMBEDDINGS)
     T = embeddings.get("embeddings")
-    if T is None or tuple(T.shape) != (num_classes, embed_dim) or not T.is_floating_point():
+    # zero rows: a method whose clients compute the class embeddings themselves (PromptFL, FedPGP)
+    if T is None or tuple(T.shape) not in ((num_classes, embed_dim), (0, embed_dim)) or not T.is_floating_point():
         got = "nothing" if T is None else f"{tuple(T.shape)} {T.dtype}"
         raise RecordError(
             f"{TASK_CLASS_EMBEDDINGS}['embeddings'] must be a float ({num_classes}, {embed_dim}) array "
-            f"(base classes x embedding size), got {got}"
+            f"(base classes x embedding size) or (0, {embed_dim}), got {got}"
         )
     _check_finite(T, TASK_CLASS_EMBEDDINGS)
     sft = content.get(TASK_SFT_REFERENCE)
     text = content.get(TASK_TEXT_LORA)
+    image = _array_record(content, TASK_IMAGE_LORA)
     return ClientTask(
         round=round_num,
         stage=stage,  # type: ignore[arg-type]
-        image_lora=checked_state(_array_record(content, TASK_IMAGE_LORA), image_lora, TASK_IMAGE_LORA),
+        # empty: a method that leaves the image tower as shipped (PromptFL, FedPGP) sends no image LoRA
+        image_lora={} if len(image) == 0 else checked_state(image, image_lora, TASK_IMAGE_LORA),
         class_embeddings=T,
         sft_reference_lora=None if sft is None else checked_state(sft, image_lora, TASK_SFT_REFERENCE),
         text_lora=None if text is None else checked_state(text, text_lora, TASK_TEXT_LORA),
+        extra=_extra(content, TASK_EXTRA),
     )
 
 
@@ -181,6 +205,8 @@ def update_to_records(update: ClientUpdate) -> RecordDict:
     content[UPDATE_EMBEDDINGS] = tensors_to_record({"embeddings": update.embeddings, "labels": update.labels})
     if update.text_lora is not None:
         content[UPDATE_TEXT_LORA] = tensors_to_record(update.text_lora)
+    if update.extra:
+        content[UPDATE_EXTRA] = tensors_to_record(update.extra)
     return content
 
 
@@ -227,6 +253,7 @@ def update_from_records(
         labels=y,
         metrics=metrics,
         text_lora=None if text is None else checked_state(text, text_lora, UPDATE_TEXT_LORA),
+        extra=_extra(content, UPDATE_EXTRA),
     )
 
 

@@ -22,7 +22,7 @@ from logging import INFO
 from pathlib import Path
 from typing import Any
 
-from flwr.app import Context, Message, MessageType, UserConfig
+from flwr.app import Context, Message, MessageType, RecordDict, UserConfig
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
@@ -137,13 +137,23 @@ class SuperNodeClients:
         )
         return [found[pid][1] for pid in range(k)], [found[pid][2] for pid in range(k)]
 
-    def dispatch(self, task: ClientTask, clients: list[int]) -> None:
-        """Send ``task`` to the SuperNodes of ``clients`` at once; keep each reply (or why there is none)."""
+    def dispatch(self, task: ClientTask, clients: list[int], tasks: dict[int, ClientTask] | None = None) -> None:
+        """Send ``task`` to the SuperNodes of ``clients`` at once; keep each reply (or why there is none).
+
+        ``tasks``: each client's own task instead (``Method.client_task``: a personalised method's state
+        goes only to its client)."""
         if self.fed is None:
             raise RuntimeError("SuperNodeClients.connect must run before the first round")
-        content = records.task_to_records(task, self.experiment)
+        shared = records.task_to_records(task, self.experiment) if tasks is None else None
+
+        def content(k: int) -> RecordDict:
+            if shared is not None:
+                return shared
+            assert tasks is not None
+            return records.task_to_records(tasks[k], self.experiment)
+
         messages = [
-            Message(content, dst_node_id=self.nodes[k], message_type=MessageType.TRAIN, group_id=str(task.round))
+            Message(content(k), dst_node_id=self.nodes[k], message_type=MessageType.TRAIN, group_id=str(task.round))
             for k in clients
         ]
         timeout = self.config.flower.round_timeout

@@ -10,6 +10,7 @@ _REGISTRY: dict[str, str] = {
     "feddtl-decoupled": "feddtl.methods.feddtl_decoupled:FedDTLDecoupled",
     "feddtl-twostage": "feddtl.methods.feddtl_twostage:FedDTLTwoStage",
     "fedlora": "feddtl.methods.fedlora:FedLoRA",
+    "fedpgp": "feddtl.methods.fedpgp:FedPGP",
     "promptfl": "feddtl.methods.promptfl:PromptFL",
     "zeroshot": "feddtl.methods.zeroshot:ZeroShot",
 }

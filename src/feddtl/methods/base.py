@@ -66,6 +66,23 @@ class Method(abc.ABC):
     def prepare_eval(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Load the global model into the backbone; return (base, novel) class text embeddings."""
 
+    def client_task(self, task: ClientTask, client_id: int) -> ClientTask:
+        """The task client ``client_id`` is sent: ``task`` (the round's ``make_task``) with that client's
+        personal state added, for methods that keep per-client state on the server (clients are stateless
+        between rounds). The default sends every client the same task."""
+        return task
+
+    def update_extra_reference(self, task: ClientTask) -> dict[str, torch.Tensor] | None:
+        """The tensors a valid update to ``task`` (a ``client_task``) carries in ``ClientUpdate.extra``, with
+        the values the client was sent: validation checks the update's names, shapes, dtypes and finiteness
+        against them, and its distance to them counts in the update norm. None (default): not checked."""
+        return None
+
+    def prepare_local_eval(self) -> list[torch.Tensor] | None:
+        """Per client, the base-class text embeddings (C_base, D) its Local accuracy uses (personalised
+        methods); None (default): Local accuracy uses ``prepare_eval``'s shared base embeddings."""
+        return None
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Global tensors worth saving (final weights, checkpoints)."""
         return {}

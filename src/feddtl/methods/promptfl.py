@@ -102,6 +102,9 @@ class PromptFL(Method):
             extra={"context": context.detach().cpu().clone()},
         )
 
+    def update_extra_reference(self, task: ClientTask) -> dict[str, torch.Tensor]:
+        return {"context": task.extra["context"]}  # an update must carry a finite context of the sent shape
+
     def server_update(self, updates: Sequence[ClientUpdate], round_num: int) -> dict[str, float]:
         states = [{"context": u.extra["context"]} for u in updates]
         self.context = weighted_average(states, [u.num_samples for u in updates])["context"]

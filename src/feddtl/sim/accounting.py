@@ -46,24 +46,35 @@ def _sum_parts(parts: Sequence[dict[str, int]]) -> dict[str, int]:
 
 
 def round_communication(
-    task: ClientTask, updates: Sequence[ClientUpdate], asks: int | None = None
+    task: ClientTask,
+    updates: Sequence[ClientUpdate],
+    asks: int | None = None,
+    sent: Sequence[ClientTask] | None = None,
 ) -> dict[str, Any]:
     """One round's traffic: totals (all selected clients), per client, and per message field.
 
     Every ask (``asks``, default one per update; retries ask again) receives the same task; each
-    update received was uploaded.
+    update received was uploaded. ``sent``: the task of every ask, for methods that send each client
+    its own (``Method.client_task``); then the download figures are theirs (per client: the mean per ask).
     """
     n = len(updates)
-    asks = n if asks is None else asks
-    down = tensor_bytes(task)
     up = [tensor_bytes(u) for u in updates]
+    if sent is None:
+        asks = n if asks is None else asks
+        down_per_client: float = tensor_bytes(task)
+        down = down_per_client * asks
+        down_parts = {k: v * asks for k, v in message_parts(task).items()}
+    else:
+        down = sum(tensor_bytes(t) for t in sent)
+        down_per_client = down / len(sent) if sent else 0.0
+        down_parts = _sum_parts([message_parts(t) for t in sent])
     return {
-        "bytes_down": down * asks,
+        "bytes_down": down,
         "bytes_up": sum(up),
-        "bytes_down_per_client": down,
+        "bytes_down_per_client": down_per_client,
         "bytes_up_per_client": sum(up) / n if n else 0.0,
         "bytes_up_max_client": max(up, default=0),
-        "bytes_down_parts": {k: v * asks for k, v in message_parts(task).items()},
+        "bytes_down_parts": down_parts,
         "bytes_up_parts": _sum_parts([message_parts(u) for u in updates]),
     }
 

@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 import feddtl
 from feddtl.algorithm.messages import ClientTask, ClientUpdate
+from feddtl.algorithm.validation import UpdateSpec
 from feddtl.checkpoint import checkpoint_due, load_checkpoint, remove_checkpoint, restore_checkpoint, save_checkpoint
 from feddtl.config import ExperimentConfig
 from feddtl.evaluation import evaluate
@@ -61,8 +62,9 @@ def mean_client_metrics(updates: Sequence[ClientUpdate]) -> dict[str, float]:
 class ClientRunner(Protocol):
     """Runs client steps elsewhere (the Flower ServerApp: on SuperNodes), behind the same robust round."""
 
-    def dispatch(self, task: ClientTask, clients: list[int]) -> None:
-        """Send ``task`` to ``clients`` and wait for their replies (one attempt of a round)."""
+    def dispatch(self, task: ClientTask, clients: list[int], tasks: dict[int, ClientTask] | None = None) -> None:
+        """Send ``task`` to ``clients`` and wait for their replies (one attempt of a round); ``tasks``, if
+        given, holds the task of each client instead (personalised methods, ``Method.client_task``)."""
 
     def step(self, task: ClientTask, client_id: int) -> ClientUpdate:
         """Client ``client_id``'s reply to the last dispatch; raises what went wrong there."""
@@ -110,20 +112,33 @@ def run_rounds(
         task = method.make_task(t)
         row["stage"] = task.stage
         selected = select_clients(config, t)
+        # what each client is sent: the round's task, plus its personal state for personalised methods
+        tasks = {k: method.client_task(task, k) for k in selected}
+        personal = any(tasks[k] is not task for k in selected)
         meter.start_phase()
         start = time.perf_counter()
 
-        def step(k: int, t: int = t, task: ClientTask = task) -> ClientUpdate:
-            bar.set_description(f"round {t}/{config.rounds} [{task.stage}] client {k}")
+        def step(k: int, t: int = t, tasks: dict[int, ClientTask] = tasks) -> ClientUpdate:
+            bar.set_description(f"round {t}/{config.rounds} [{tasks[k].stage}] client {k}")
             if client_runner is not None:
-                return client_runner.step(task, k)
-            return method.client_step(fed.backbone, fed.clients[k], task, config, client_seed(config.seed, t, k))
+                return client_runner.step(tasks[k], k)
+            return method.client_step(fed.backbone, fed.clients[k], tasks[k], config, client_seed(config.seed, t, k))
 
-        dispatch = None if client_runner is None else (lambda ks, task=task: client_runner.dispatch(task, ks))
+        def spec(k: int, tasks: dict[int, ClientTask] = tasks) -> UpdateSpec:
+            return update_spec(fed, tasks[k], k, extra_reference=method.update_extra_reference(tasks[k]))
+
+        def dispatch(ks: list[int], task: ClientTask = task, tasks: dict[int, ClientTask] = tasks,
+                     personal: bool = personal) -> None:
+            assert client_runner is not None
+            if personal:
+                client_runner.dispatch(task, ks, tasks={k: tasks[k] for k in ks})
+            else:
+                client_runner.dispatch(task, ks)
+
         try:
             outcome = collect_updates(
-                task, selected, t, step, lambda k, task=task: update_spec(fed, task, k), config, lambda: bar.update(1),
-                dispatch=dispatch,
+                task, selected, t, step, spec, config, lambda: bar.update(1),
+                dispatch=None if client_runner is None else dispatch,
             )
         except RoundFailed:
             bar.close()
@@ -135,7 +150,9 @@ def run_rounds(
         row["clients"] = selected
         row.update(outcome.metrics())
         # every ask (retries included) downloads the task; every update received, valid or not, was uploaded
-        row.update(round_communication(task, outcome.received, asks=outcome.asks))
+        row.update(round_communication(
+            task, outcome.received, asks=outcome.asks, sent=[tasks[k] for k in outcome.asked] if personal else None,
+        ))
         row.update(mean_client_metrics(updates))
         meter.start_phase()
         start = time.perf_counter()
@@ -165,7 +182,8 @@ def run_rounds(
 
 def evaluate_method(fed: Federation, method: Method) -> dict[str, Any]:
     base_T, novel_T = method.prepare_eval()
-    return evaluate(fed.backbone, fed.eval_set, base_T, novel_T, fed.config.eval.batch_size)
+    client_T = method.prepare_local_eval()
+    return evaluate(fed.backbone, fed.eval_set, base_T, novel_T, fed.config.eval.batch_size, client_base_T=client_T)
 
 
 def run_experiment(

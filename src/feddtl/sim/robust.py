@@ -56,6 +56,8 @@ class RoundOutcome:
     retries: int = 0
     asks: int = 0
     """Client calls made, retries included (each one was sent the task)."""
+    asked: list[int] = field(default_factory=list)
+    """The client of every call made, in order (``asks`` entries): whose task each download was."""
     norms: list[float] = field(default_factory=list)
     """Update norms of the accepted updates."""
 
@@ -92,25 +94,30 @@ def fault_hits(faults: FaultConfig, round_num: int, client_id: int, attempt: int
 
 
 def corrupt_update(update: ClientUpdate, mode: str, spec: UpdateSpec) -> ClientUpdate:
-    """A copy of ``update`` broken in the way ``mode`` names (the originals are not modified)."""
-    lora = dict(update.image_lora)
+    """A copy of ``update`` broken in the way ``mode`` names (the originals are not modified).
+
+    The weight corruptions (nan_lora, bad_shape, bad_keys, huge_norm) hit the image LoRA, or the
+    method-specific ``extra`` tensors for methods that upload no image LoRA (PromptFL, FedPGP).
+    """
+    weights = "image_lora" if update.image_lora else "extra"
+    lora = dict(getattr(update, weights))
     first = next(iter(lora))
     emb, labels = update.embeddings.clone(), update.labels.clone()
     changes: dict[str, Any] = {}
     if mode == "nan_lora":
         t = lora[first].clone()
         t.view(-1)[0] = float("nan")
-        changes["image_lora"] = {**lora, first: t}
+        changes[weights] = {**lora, first: t}
     elif mode == "inf_embeddings":
         emb[0, 0] = float("inf")
         changes["embeddings"] = emb
     elif mode == "bad_shape":
-        changes["image_lora"] = {**lora, first: torch.cat([lora[first], lora[first][:1]])}
+        changes[weights] = {**lora, first: torch.cat([lora[first], lora[first][:1]])}
     elif mode == "bad_keys":
         lora[first + ".evil"] = lora.pop(first)
-        changes["image_lora"] = lora
+        changes[weights] = lora
     elif mode == "huge_norm":
-        changes["image_lora"] = {k: v * 1e6 for k, v in lora.items()}
+        changes[weights] = {k: v * 1e6 for k, v in lora.items()}
     elif mode == "bad_embed_dim":
         changes["embeddings"] = emb[:, :-1].contiguous()
     elif mode == "bad_labels":
@@ -242,6 +249,7 @@ def collect_updates(
                 else:
                     out.rejected.append({"client": k, "attempt": attempt, "reason": reason})
             out.asks += 1
+            out.asked.append(k)
             on_client_done()
         if len(accepted) >= need:
             break
@@ -262,8 +270,11 @@ def collect_updates(
     return out
 
 
-def update_spec(fed: Federation, task: ClientTask, client_id: int) -> UpdateSpec:
-    """What the in-process server expects from client ``client_id`` this round."""
+def update_spec(
+    fed: Federation, task: ClientTask, client_id: int, extra_reference: dict[str, torch.Tensor] | None = None
+) -> UpdateSpec:
+    """What the in-process server expects from client ``client_id`` this round (``task``: what it was sent;
+    ``extra_reference``: ``Method.update_extra_reference`` of that task)."""
     config = fed.config
     cap = 1 if config.client.upload == "prototypes" else config.client.upload_cap_per_class
     return UpdateSpec(
@@ -278,4 +289,5 @@ def update_spec(fed: Federation, task: ClientTask, client_id: int) -> UpdateSpec
             fed.client_sizes[client_id] if fed.client_sizes is not None else None  # remote clients (Flower)
         ),
         text_reference=task.text_lora,
+        extra_reference=extra_reference,
     )

@@ -75,7 +75,8 @@ class FaultConfig:
     until released), "slow" (sleeps faults.delay_s, then trains and answers normally), "drop" (no reply), or uploads a corrupt update: "nan_lora" (a NaN in its LoRA), "inf_embeddings" (an inf in its
     embeddings), "bad_shape", "bad_keys", "huge_norm" (LoRA weights x 1e6), "bad_embed_dim",
     "bad_labels" (a class it does not hold), "too_many_embeddings" (one more than the cap),
-    "unnormalised" (embeddings x 3), "bad_num_samples" (claims 1e9 images), "wrong_client_id"."""
+    "unnormalised" (embeddings x 3), "bad_num_samples" (claims 1e9 images), "wrong_client_id". Methods
+    without an image LoRA (promptfl, fedpgp) get the LoRA corruptions in their uploaded prompt tensors."""
     clients: list[int] | None = None
     """Client ids that may be hit; None: every client."""
     rounds: list[int] | None = None
