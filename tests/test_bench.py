@@ -148,11 +148,17 @@ def test_smoke_suite_runs_resumes_and_regenerates(tmp_path):
     by_method = {r["method"]: r for r in rows if r["scenario"] == "digits-path"}
     assert by_method["feddtl"]["client_reward"] != "" and by_method["fedlora"]["client_reward"] == ""
     assert (out / "domains.csv").is_file() and (out / "domains.png").is_file()
-    table = (out / "table.md").read_text()
     # a second call finds every cell finished and runs nothing
     before = {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("results.json")}
     assert main(["bench", "--suite", "smoke", "--out", str(out), "--jobs", "2"]) == 0
     assert {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("results.json")} == before
+    # an unfinished cell runs again; its job's log keeps the first sitting's output
+    rerun = out / "runs" / "domains" / "fedlora" / "seed0"
+    (rerun / "results.json").unlink()
+    assert main(["bench", "--suite", "smoke", "--out", str(out), "--jobs", "2"]) == 0
+    assert (rerun / "results.json").is_file()
+    assert (out / "jobs" / "domains-seed0.log").read_text().count("=== ") == 2
+    table = (out / "table.md").read_text()  # the rerun cell's wall time changed
     # the report is rebuilt from the run folder alone
     for name in ("table.md", "table.csv", "hm.png"):
         (out / name).unlink()

@@ -4,7 +4,7 @@ Layout of the output folder::
 
     DIR/suite.toml                          the suite file as run
     DIR/runs/<scenario>/<method>/seed<k>/   one run directory per cell (config.toml, metrics.jsonl, results.json)
-    DIR/jobs/<scenario>-seed<k>.json|.log   what each worker ran and printed
+    DIR/jobs/<scenario>-seed<k>.json|.log   what each worker ran (last sitting) and printed (every sitting)
     DIR/table.md, table.csv, domains.csv, *.png   the report (`feddtl bench-report DIR` rebuilds it)
 
 A cell is finished when its run directory holds results.json and a config.toml equal to the cell's
@@ -132,7 +132,10 @@ def run_suite(
             while queue and len(running) < max(1, jobs):
                 job = queue.pop(0)
                 path = _write_job(job, out)
-                log = open(path.with_suffix(".log"), "w")
+                # Appended, not overwritten: a resumed suite keeps the earlier sittings' per-cell times.
+                log = open(path.with_suffix(".log"), "a")
+                log.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} {job.name}: {', '.join(c.method for c in job.cells)}\n")
+                log.flush()
                 proc = subprocess.Popen(
                     [sys.executable, "-m", "feddtl.bench.worker", str(path)],
                     stdout=log, stderr=subprocess.STDOUT, env=env,
