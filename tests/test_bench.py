@@ -13,7 +13,7 @@ from feddtl.bench.runner import is_finished
 from feddtl.bench.suite import SuiteError, available_suites, cell_config_text, federation_key, load_suite, preflight
 from feddtl.cli import main
 
-METHODS = ["zeroshot", "fedlora", "promptfl", "feddtl-decoupled", "feddtl-twostage", "feddtl"]
+METHODS = ["zeroshot", "fedlora", "promptfl", "fedpgp", "feddtl-decoupled", "feddtl-twostage", "feddtl"]
 
 
 def _write_suite(path: Path, body: str) -> Path:

@@ -35,3 +35,29 @@ def test_measure_times_both_paths_and_cleans_up(tmp_path):
     assert row["cached_img_s"] > 0 and row["uncached_img_s"] > 0 and row["fill_img_s"] > 0
     assert row["ratio"] == row["cached_img_s"] / row["uncached_img_s"]
     assert not (tmp_path / "work" / "cache").exists()
+
+
+def test_novel_split_reproduces_the_runs_own_accuracy_with_both_towers(tmp_path, capsys):
+    # prepare: a finished fedlora run (it trains both towers' LoRA)
+    from feddtl.cli import main as cli_main
+
+    run_dir = tmp_path / "run"
+    assert cli_main(["run", "--config", "tiny", "--set", "method=fedlora", "--set", "rounds=2", "--out", str(run_dir), "--quiet"]) == 0
+    spec = importlib.util.spec_from_file_location("novel_split", SCRIPT.parent / "novel_split.py")
+    novel_split = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(novel_split)
+    # execute
+    assert novel_split.main([str(run_dir), "--csv", str(tmp_path / "split.csv")]) == 0
+    # assert: both trained towers reproduce results.json; the shipped towers are the zero-shot model
+    import csv
+    import json
+
+    rows = {r["variant"]: r for r in csv.DictReader((tmp_path / "split.csv").open())}
+    assert set(rows) == {"shipped", "image LoRA only", "text LoRA only", "both"}
+    own = json.loads((run_dir / "results.json").read_text())
+    assert abs(float(rows["both"]["hm"]) - own["hm"]) < 1e-6
+    zeroshot_dir = tmp_path / "zeroshot"
+    assert cli_main(["run", "--config", "tiny", "--set", "method=zeroshot", "--out", str(zeroshot_dir), "--quiet"]) == 0
+    zeroshot = json.loads((zeroshot_dir / "results.json").read_text())
+    assert abs(float(rows["shipped"]["hm"]) - zeroshot["hm"]) < 1e-6
+    assert "| both |" in capsys.readouterr().out
