@@ -32,13 +32,7 @@ from feddtl.sim.robust import RoundFailed, corrupt_update, update_spec
 ROUNDS = 2
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: the same arithmetic in every run, and no spinning thread pools on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

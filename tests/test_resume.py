@@ -55,14 +55,7 @@ def assert_same_run(resumed: Path, reference: Path) -> None:
     assert (resumed / "final_lora.safetensors").read_bytes() == (reference / "final_lora.safetensors").read_bytes()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread here and in the subprocesses: the same arithmetic everywhere, and no spinning
-    thread pools on a busy CI machine (they make these tiny runs many times slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -35,7 +35,15 @@ from feddtl.algorithm.messages import ClientTask, ClientUpdate
 from feddtl.backbones.base import Backbone
 from feddtl.config import ExperimentConfig
 from feddtl.methods.base import Method, ServerContext
-from feddtl.methods.promptfl import prompt_text_embeddings, prompt_tokens
+from feddtl.methods.promptfl import (
+    class_prompts,
+    prompt_client_config,
+    prompt_eval,
+    prompt_task,
+    prompt_text_embeddings,
+    prompt_update,
+    task_tokens,
+)
 
 INIT_STD = 0.02
 """Standard deviation of the personal factors' initialisation (reference code: nn.init.normal_, std 0.02)."""
@@ -76,25 +84,17 @@ class FedPGP(Method):
 
     def __init__(self, ctx: ServerContext) -> None:
         super().__init__(ctx)
-        if ctx.base_names is None or ctx.novel_names is None:
-            raise ValueError("fedpgp needs the class names in ServerContext (base_names, novel_names)")
-        init = self.config.prompt.ctx_init
-        self.base_tokens, self.sigma = prompt_tokens(self.backbone, init, ctx.base_names)
-        self.novel_tokens, _ = prompt_tokens(self.backbone, init, ctx.novel_names)
+        self.base_tokens, self.novel_tokens, self.sigma = class_prompts(
+            self.backbone, ctx, self.name, self.config.prompt.ctx_init
+        )
         n_ctx, hidden = self.sigma.shape
         rank = self.config.fedpgp.rank
         self.personal = [personal_init(self.config.seed, k, n_ctx, rank, hidden) for k in range(self.config.num_clients)]
         """Per client id: its (U, V), kept here between rounds and sent only to that client."""
 
     def make_task(self, round_num: int) -> ClientTask:
-        return ClientTask(
-            round=round_num,
-            stage="sft",
-            image_lora={},  # the image tower stays as shipped: nothing to send
-            # clients compute the hand-crafted prompts' embeddings themselves (from ClientData.base_text)
-            class_embeddings=torch.zeros((0, self.backbone.info.embed_dim)),
-            extra={"sigma": self.sigma, **{f"tokens.{k}": v for k, v in self.base_tokens.items()}},
-        )
+        # clients compute the hand-crafted prompts' embeddings themselves (from ClientData.base_text)
+        return prompt_task(round_num, self.backbone, self.base_tokens, sigma=self.sigma)
 
     def client_task(self, task: ClientTask, client_id: int) -> ClientTask:
         u, v = self.personal[client_id]
@@ -118,7 +118,7 @@ class FedPGP(Method):
             )
         generator = torch.Generator().manual_seed(seed)
         device = next(backbone.parameters()).device
-        tokens = {k[len("tokens.") :]: v for k, v in task.extra.items() if k.startswith("tokens.")}
+        tokens = task_tokens(task)
         sigma, u, v = (nn.Parameter(task.extra[k].clone().to(device)) for k in PERSONAL_KEYS)
         with torch.no_grad():
             handcrafted = text_embeddings(backbone, data.base_text)
@@ -128,23 +128,14 @@ class FedPGP(Method):
             anchor = prompt_text_embeddings(backbone, sigma, tokens)
             return pgp.contrastive_weight * contrastive_loss(anchor, handcrafted, personal_T, pgp.temperature)
 
-        client = config.client
-        if config.prompt.lr is not None:
-            client = type(client)(**{**vars(client), "lr": config.prompt.lr})
+        client = prompt_client_config(config)
         metrics = sft_epochs(
             backbone, data, lambda: prompt_text_embeddings(backbone, personal_context(sigma, u, v), tokens),
             [sigma, u, v], client.sft_epochs, client, generator,
             extra_loss=contrastive if pgp.contrastive_weight > 0 else None,
         )
-        d = backbone.info.embed_dim
-        return ClientUpdate(
-            client_id=data.client_id,
-            num_samples=len(data),
-            image_lora={},
-            embeddings=torch.zeros((0, d)),
-            labels=torch.zeros(0, dtype=torch.long),
-            metrics=metrics,
-            extra={k: p.detach().cpu().clone() for k, p in zip(PERSONAL_KEYS, (sigma, u, v))},
+        return prompt_update(
+            backbone, data, metrics, {k: p.detach().cpu().clone() for k, p in zip(PERSONAL_KEYS, (sigma, u, v))}
         )
 
     def server_update(self, updates: Sequence[ClientUpdate], round_num: int) -> dict[str, float]:
@@ -157,12 +148,8 @@ class FedPGP(Method):
             self.personal[update.client_id] = (update.extra["U"], update.extra["V"])
         return {}
 
-    @torch.no_grad()
     def prepare_eval(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return (
-            prompt_text_embeddings(self.backbone, self.sigma, self.base_tokens).cpu(),
-            prompt_text_embeddings(self.backbone, self.sigma, self.novel_tokens).cpu(),
-        )
+        return prompt_eval(self.backbone, self.sigma, self.base_tokens, self.novel_tokens)
 
     @torch.no_grad()
     def prepare_local_eval(self) -> list[torch.Tensor]:

@@ -9,6 +9,7 @@ the input embeddings, with grad to the context.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 import torch
@@ -17,6 +18,7 @@ from torch import nn
 
 from feddtl.algorithm.aggregation import weighted_average
 from feddtl.algorithm.client import ClientData, sft_epochs
+from feddtl.algorithm.client_config import ClientConfig
 from feddtl.algorithm.messages import ClientTask, ClientUpdate
 from feddtl.backbones.base import Backbone
 from feddtl.config import ExperimentConfig
@@ -54,25 +56,75 @@ def prompt_text_embeddings(backbone: Backbone, context: torch.Tensor, tokens: di
     return F.normalize(backbone.text_from_token_embeddings(embeds, tokens), dim=-1)
 
 
+def class_prompts(
+    backbone: Backbone, ctx: ServerContext, method: str, ctx_init: str
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], torch.Tensor]:
+    """(base tokens, novel tokens, initial context) for a prompt-learning method's server."""
+    if ctx.base_names is None or ctx.novel_names is None:
+        raise ValueError(f"{method} needs the class names in ServerContext (base_names, novel_names)")
+    base_tokens, context = prompt_tokens(backbone, ctx_init, ctx.base_names)
+    novel_tokens, _ = prompt_tokens(backbone, ctx_init, ctx.novel_names)
+    return base_tokens, novel_tokens, context
+
+
+def prompt_task(round_num: int, backbone: Backbone, tokens: dict[str, torch.Tensor], **context: torch.Tensor) -> ClientTask:
+    """A round's task that sends only prompt tensors (and the base prompts' tokens) in ``extra``."""
+    return ClientTask(
+        round=round_num,
+        stage="sft",
+        image_lora={},  # the image tower stays as shipped: nothing to send
+        class_embeddings=torch.zeros((0, backbone.info.embed_dim)),
+        extra={**context, **{f"tokens.{k}": v for k, v in tokens.items()}},
+    )
+
+
+def task_tokens(task: ClientTask) -> dict[str, torch.Tensor]:
+    """The base prompts' tokens a ``prompt_task`` carries."""
+    return {k[len("tokens.") :]: v for k, v in task.extra.items() if k.startswith("tokens.")}
+
+
+def prompt_client_config(config: ExperimentConfig) -> ClientConfig:
+    """``config.client`` with ``prompt.lr`` in place of ``client.lr`` when it is set."""
+    if config.prompt.lr is None:
+        return config.client
+    return dataclasses.replace(config.client, lr=config.prompt.lr)
+
+
+def prompt_update(backbone: Backbone, data: ClientData, metrics: dict[str, float], extra: dict[str, torch.Tensor]) -> ClientUpdate:
+    """A client's update that carries only prompt tensors (no LoRA, no embeddings)."""
+    return ClientUpdate(
+        client_id=data.client_id,
+        num_samples=len(data),
+        image_lora={},
+        embeddings=torch.zeros((0, backbone.info.embed_dim)),
+        labels=torch.zeros(0, dtype=torch.long),
+        metrics=metrics,
+        extra=extra,
+    )
+
+
+@torch.no_grad()
+def prompt_eval(
+    backbone: Backbone, context: torch.Tensor, base_tokens: dict[str, torch.Tensor], novel_tokens: dict[str, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Base and novel class embeddings with the given context, on the CPU."""
+    return (
+        prompt_text_embeddings(backbone, context, base_tokens).cpu(),
+        prompt_text_embeddings(backbone, context, novel_tokens).cpu(),
+    )
+
+
 class PromptFL(Method):
     name = "promptfl"
 
     def __init__(self, ctx: ServerContext) -> None:
         super().__init__(ctx)
-        if ctx.base_names is None or ctx.novel_names is None:
-            raise ValueError("promptfl needs the class names in ServerContext (base_names, novel_names)")
-        init = self.config.prompt.ctx_init
-        self.base_tokens, self.context = prompt_tokens(self.backbone, init, ctx.base_names)
-        self.novel_tokens, _ = prompt_tokens(self.backbone, init, ctx.novel_names)
+        self.base_tokens, self.novel_tokens, self.context = class_prompts(
+            self.backbone, ctx, self.name, self.config.prompt.ctx_init
+        )
 
     def make_task(self, round_num: int) -> ClientTask:
-        return ClientTask(
-            round=round_num,
-            stage="sft",
-            image_lora={},  # the image tower stays as shipped: nothing to send
-            class_embeddings=torch.zeros((0, self.backbone.info.embed_dim)),
-            extra={"context": self.context, **{f"tokens.{k}": v for k, v in self.base_tokens.items()}},
-        )
+        return prompt_task(round_num, self.backbone, self.base_tokens, context=self.context)
 
     @staticmethod
     def client_step(
@@ -82,25 +134,14 @@ class PromptFL(Method):
         if "context" not in task.extra:
             raise ValueError("a PromptFL task must carry the context vectors in extra['context']")
         generator = torch.Generator().manual_seed(seed)
-        tokens = {k[len("tokens.") :]: v for k, v in task.extra.items() if k.startswith("tokens.")}
+        tokens = task_tokens(task)
         context = nn.Parameter(task.extra["context"].clone().to(next(backbone.parameters()).device))
-        client = config.client
-        if config.prompt.lr is not None:
-            client = type(client)(**{**vars(client), "lr": config.prompt.lr})
+        client = prompt_client_config(config)
         metrics = sft_epochs(
             backbone, data, lambda: prompt_text_embeddings(backbone, context, tokens), [context],
             client.sft_epochs, client, generator,
         )
-        d = backbone.info.embed_dim
-        return ClientUpdate(
-            client_id=data.client_id,
-            num_samples=len(data),
-            image_lora={},
-            embeddings=torch.zeros((0, d)),
-            labels=torch.zeros(0, dtype=torch.long),
-            metrics=metrics,
-            extra={"context": context.detach().cpu().clone()},
-        )
+        return prompt_update(backbone, data, metrics, {"context": context.detach().cpu().clone()})
 
     def update_extra_reference(self, task: ClientTask) -> dict[str, torch.Tensor]:
         return {"context": task.extra["context"]}  # an update must carry a finite context of the sent shape
@@ -110,12 +151,8 @@ class PromptFL(Method):
         self.context = weighted_average(states, [u.num_samples for u in updates])["context"]
         return {}
 
-    @torch.no_grad()
     def prepare_eval(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return (
-            prompt_text_embeddings(self.backbone, self.context, self.base_tokens).cpu(),
-            prompt_text_embeddings(self.backbone, self.context, self.novel_tokens).cpu(),
-        )
+        return prompt_eval(self.backbone, self.context, self.base_tokens, self.novel_tokens)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {"prompt.context": self.context}
