@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from feddtl.bench.compare import PAPER_CLAIMS, REFERENCE, claim_outcome, signed, verdict
+from feddtl.bench.compare import PAPER_CLAIMS, REFERENCE, Verdict, claim_outcome, signed, verdict
 
 METRICS = (("base_acc", "Base"), ("novel_acc", "Novel"), ("hm", "HM"), ("local_acc", "Local"))
 RL_DIAGNOSTICS = (
@@ -156,7 +156,7 @@ def markdown_table(suite: dict[str, Any], cells: dict[tuple[str, str], CellSumma
             row.append(f"**{text}**" if best[sc["name"]] == m else text)
         lines.append(f"| {m} | " + " | ".join(row) + " |")
     lines += ["", "Scenarios: " + "; ".join(f"`{sc['name']}` = {sc.get('title', sc['name'])}" for sc in scenarios), ""]
-    lines += comparison_sections(suite, cells)
+    lines += comparison_sections(suite, comparisons(suite, cells))
     for sc in scenarios:
         lines += [
             f"## {sc.get('title', sc['name'])} (`{sc['name']}`)",
@@ -185,12 +185,59 @@ def _counts(outcomes: list[str], labels: tuple[str, ...]) -> str:
     return " / ".join(str(outcomes.count(label)) for label in labels)
 
 
-def comparison_sections(suite: dict[str, Any], cells: dict[tuple[str, str], CellSummary]) -> list[str]:
-    """Markdown: FedDTL against each other method (HM per scenario, win / tie / loss counts per metric),
-    then the paper's claims per scenario. Empty when the suite has no ``feddtl`` cells."""
+@dataclass(frozen=True)
+class Comparison:
+    """One verdict of a report: FedDTL against a method, or one of the paper's claims, on one metric
+    in one scenario."""
+
+    kind: str
+    """"vs-feddtl" or "paper-claim"."""
+    method: str
+    baseline: str
+    metric: str
+    scenario: str
+    verdict: Verdict
+    paper_delta: float | None
+    """The paper's difference for a claim; None for a vs-feddtl row."""
+
+    @property
+    def outcome(self) -> str:
+        """win / tie / loss against a method; holds / tie / reversed for a claim; n/a without runs."""
+        return self.verdict.outcome if self.paper_delta is None else claim_outcome(self.verdict, self.paper_delta)
+
+    @property
+    def cell_text(self) -> str:
+        return self.outcome if self.outcome == "n/a" else f"{self.outcome} {signed(self.verdict.delta)}"
+
+
+def comparisons(suite: dict[str, Any], cells: dict[tuple[str, str], CellSummary]) -> list[Comparison]:
+    """Every verdict the report shows: FedDTL against each other method (per metric and scenario), then
+    each paper claim whose two methods the suite runs (per scenario). Empty without ``feddtl``."""
     scenarios, methods = [sc["name"] for sc in suite.get("scenario", [])], suite.get("methods", [])
+
+    def compare(kind: str, a: str, b: str, key: str, sc: str, paper: float | None) -> Comparison:
+        return Comparison(kind, a, b, key, sc, verdict(cells[(sc, a)].values(key), cells[(sc, b)].values(key)), paper)
+
     if REFERENCE not in methods:
         return []
+    rows = [
+        compare("vs-feddtl", REFERENCE, m, key, sc, None)
+        for m in methods if m != REFERENCE for key, _ in METRICS for sc in scenarios
+    ]
+    rows += [
+        compare("paper-claim", c.method, c.baseline, c.metric, sc, c.paper_delta)
+        for c in PAPER_CLAIMS if c.method in methods and c.baseline in methods for sc in scenarios
+    ]
+    return rows
+
+
+def comparison_sections(suite: dict[str, Any], rows: list[Comparison]) -> list[str]:
+    """Markdown: FedDTL against each other method (HM per scenario, win / tie / loss counts per metric),
+    then the paper's claims per scenario. Empty when there are no comparisons."""
+    if not rows:
+        return []
+    scenarios, methods = [sc["name"] for sc in suite.get("scenario", [])], suite.get("methods", [])
+    versus = {(r.baseline, r.metric, r.scenario): r for r in rows if r.kind == "vs-feddtl"}
     lines = [
         f"## `{REFERENCE}` against each method",
         "",
@@ -203,13 +250,9 @@ def comparison_sections(suite: dict[str, Any], cells: dict[tuple[str, str], Cell
     for m in methods:
         if m == REFERENCE:
             continue
-        row = []
-        for sc in scenarios:
-            v = verdict(cells[(sc, REFERENCE)].values("hm"), cells[(sc, m)].values("hm"))
-            row.append(v.outcome if v.outcome == "n/a" else f"{v.outcome} {signed(v.delta)}")
+        row = [versus[(m, "hm", sc)].cell_text for sc in scenarios]
         for key, _ in METRICS:
-            outcomes = [verdict(cells[(sc, REFERENCE)].values(key), cells[(sc, m)].values(key)).outcome for sc in scenarios]
-            row.append(_counts(outcomes, ("win", "tie", "loss")))
+            row.append(_counts([versus[(m, key, sc)].outcome for sc in scenarios], ("win", "tie", "loss")))
         lines.append(f"| {m} | " + " | ".join(row) + " |")
     claims = [c for c in PAPER_CLAIMS if c.method in methods and c.baseline in methods]
     if claims:
@@ -224,16 +267,13 @@ def comparison_sections(suite: dict[str, Any], cells: dict[tuple[str, str], Cell
             "|---|---|---|" + "---|" * (len(scenarios) + 1),
         ]
         labels = dict(METRICS)
+        claimed = {(r.method, r.baseline, r.scenario): r for r in rows if r.kind == "paper-claim"}
         for c in claims:
-            row, outcomes = [], []
-            for sc in scenarios:
-                v = verdict(cells[(sc, c.method)].values(c.metric), cells[(sc, c.baseline)].values(c.metric))
-                outcome = claim_outcome(v, c.paper_delta)
-                outcomes.append(outcome)
-                row.append(outcome if outcome == "n/a" else f"{outcome} {signed(v.delta)}")
+            per_scenario = [claimed[(c.method, c.baseline, sc)] for sc in scenarios]
             lines.append(
                 f"| {c.text} (`{c.method}` − `{c.baseline}`) | {labels[c.metric]} | {signed(c.paper_delta)} | "
-                + " | ".join(row) + f" | {_counts(outcomes, ('holds', 'tie', 'reversed'))} |"
+                + " | ".join(r.cell_text for r in per_scenario)
+                + f" | {_counts([r.outcome for r in per_scenario], ('holds', 'tie', 'reversed'))} |"
             )
     lines.append("")
     return lines
@@ -242,30 +282,18 @@ def comparison_sections(suite: dict[str, Any], cells: dict[tuple[str, str], Cell
 COMPARISON_FIELDS = ["kind", "method", "baseline", "metric", "scenario", "delta", "margin", "outcome", "paper_delta"]
 
 
-def comparison_rows(suite: dict[str, Any], cells: dict[tuple[str, str], CellSummary]) -> list[dict[str, Any]]:
-    """comparison.csv: one row per (FedDTL vs method, metric, scenario) and per (claim, scenario)."""
-    scenarios, methods = [sc["name"] for sc in suite.get("scenario", [])], suite.get("methods", [])
-    rows: list[dict[str, Any]] = []
+def comparison_csv_rows(rows: list[Comparison]) -> list[dict[str, Any]]:
+    """comparison.csv: one row per verdict, numbers rounded to 4 decimals (blank where there are no runs)."""
 
-    def add(kind: str, a: str, b: str, key: str, sc: str, paper: float | None) -> None:
-        v = verdict(cells[(sc, a)].values(key), cells[(sc, b)].values(key))
-        outcome = v.outcome if paper is None else claim_outcome(v, paper)
-        rows.append({"kind": kind, "method": a, "baseline": b, "metric": key, "scenario": sc,
-                     "delta": "" if v.delta != v.delta else round(v.delta, 4),
-                     "margin": "" if v.margin != v.margin else round(v.margin, 4),
-                     "outcome": outcome, "paper_delta": "" if paper is None else round(paper, 2)})
+    def number(x: float, digits: int = 4) -> float | str:
+        return "" if x != x else round(x, digits)
 
-    if REFERENCE in methods:
-        for m in methods:
-            if m != REFERENCE:
-                for key, _ in METRICS:
-                    for sc in scenarios:
-                        add("vs-feddtl", REFERENCE, m, key, sc, None)
-    for c in PAPER_CLAIMS:
-        if c.method in methods and c.baseline in methods:
-            for sc in scenarios:
-                add("paper-claim", c.method, c.baseline, c.metric, sc, c.paper_delta)
-    return rows
+    return [
+        {"kind": r.kind, "method": r.method, "baseline": r.baseline, "metric": r.metric, "scenario": r.scenario,
+         "delta": number(r.verdict.delta), "margin": number(r.verdict.margin), "outcome": r.outcome,
+         "paper_delta": "" if r.paper_delta is None else round(r.paper_delta, 2)}
+        for r in rows
+    ]
 
 
 CSV_FIELDS = (
@@ -309,7 +337,7 @@ def write_report(out: str | Path) -> list[Path]:
     written = [out / "table.md", out / "table.csv"]
     (out / "table.md").write_text(markdown_table(suite, cells) + "\n")
     _write_csv(out / "table.csv", CSV_FIELDS, csv_rows(suite, cells))
-    comparison = comparison_rows(suite, cells)
+    comparison = comparison_csv_rows(comparisons(suite, cells))
     if comparison:
         _write_csv(out / "comparison.csv", COMPARISON_FIELDS, comparison)
         written.append(out / "comparison.csv")
