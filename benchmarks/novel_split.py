@@ -29,6 +29,7 @@ from feddtl.bench.suite import federation_key
 from feddtl.config import load_config
 from feddtl.evaluation import evaluate
 from feddtl.federation import Federation, build_federation
+from feddtl.methods.state import unprefixed
 
 VARIANTS = (("shipped", False, False), ("image LoRA only", True, False), ("text LoRA only", False, True), ("both", True, True))
 
@@ -36,9 +37,7 @@ VARIANTS = (("shipped", False, False), ("image LoRA only", True, False), ("text 
 def split_lora(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """final_lora.safetensors -> (image LoRA, text LoRA), without their "image." / "text." prefixes."""
     tensors = load_file(str(path))
-    image = {k[len("image."):]: v for k, v in tensors.items() if k.startswith("image.")}
-    text = {k[len("text."):]: v for k, v in tensors.items() if k.startswith("text.")}
-    return image, text
+    return unprefixed(tensors, "image"), unprefixed(tensors, "text")
 
 
 def evaluate_variants(fed: Federation, image: dict[str, torch.Tensor], text: dict[str, torch.Tensor]) -> list[dict[str, Any]]:

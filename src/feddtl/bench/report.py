@@ -284,14 +284,10 @@ COMPARISON_FIELDS = ["kind", "method", "baseline", "metric", "scenario", "delta"
 
 def comparison_csv_rows(rows: list[Comparison]) -> list[dict[str, Any]]:
     """comparison.csv: one row per verdict, numbers rounded to 4 decimals (blank where there are no runs)."""
-
-    def number(x: float, digits: int = 4) -> float | str:
-        return "" if x != x else round(x, digits)
-
     return [
-        {"kind": r.kind, "method": r.method, "baseline": r.baseline, "metric": r.metric, "scenario": r.scenario,
-         "delta": number(r.verdict.delta), "margin": number(r.verdict.margin), "outcome": r.outcome,
-         "paper_delta": "" if r.paper_delta is None else round(r.paper_delta, 2)}
+        _blank_nan({"kind": r.kind, "method": r.method, "baseline": r.baseline, "metric": r.metric,
+                    "scenario": r.scenario, "delta": round(r.verdict.delta, 4), "margin": round(r.verdict.margin, 4),
+                    "outcome": r.outcome, "paper_delta": "" if r.paper_delta is None else round(r.paper_delta, 2)})
         for r in rows
     ]
 
@@ -316,8 +312,13 @@ def csv_rows(suite: dict[str, Any], cells: dict[tuple[str, str], CellSummary]) -
             for k, _ in RL_DIAGNOSTICS:
                 row[k] = s.rl(k)
             row["wall_s_mean"] = s.stat("wall_s")[0]
-            rows.append({k: ("" if isinstance(v, float) and v != v else v) for k, v in row.items()})
+            rows.append(_blank_nan(row))
     return rows
+
+
+def _blank_nan(row: dict[str, Any]) -> dict[str, Any]:
+    """A CSV row with NaN (no finished runs) written as an empty field."""
+    return {k: ("" if isinstance(v, float) and v != v else v) for k, v in row.items()}
 
 
 def _write_csv(path: Path, fields: list[str], rows: list[dict[str, Any]]) -> None:
