@@ -35,9 +35,9 @@ import torch
 import torch.nn.functional as F
 
 from feddtl.algorithm.client import ClientData, sft_epochs
-from feddtl.algorithm.client_config import ClientConfig
+from feddtl.config.client_config import ClientConfig
 from feddtl.backbones.base import Backbone
-from feddtl.backbones.lora_config import LoraConfig
+from feddtl.config.lora_config import LoraConfig
 from feddtl.cache import CacheConfig, TrunkCache
 from feddtl.data import ImageDataset
 

@@ -9,7 +9,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never touch the network
 
 from feddtl.backbones.hf_clip import HFClipBackbone
-from feddtl.backbones.lora_config import LoraConfig
+from feddtl.config.lora_config import LoraConfig
 from feddtl.backbones.tiny_clip import build_tiny_clip
 
 SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "cache_speed.py"

@@ -13,7 +13,7 @@ from feddtl.algorithm.grpo import (
     k3_kl,
     sample_actions,
 )
-from feddtl.algorithm.grpo_config import GRPOConfig
+from feddtl.config.grpo_config import GRPOConfig
 
 
 def test_group_advantage_one_right_of_three():

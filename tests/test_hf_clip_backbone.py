@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from feddtl.backbones.hf_clip import HFClipBackbone
-from feddtl.backbones.lora_config import LoraConfig
+from feddtl.config.lora_config import LoraConfig
 from feddtl.backbones.tiny_clip import build_tiny_clip
 
 NUM_LAYERS = 4

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from feddtl.algorithm.server import class_embeddings, text_alignment_loss, text_alignment_step
-from feddtl.algorithm.server_config import ServerConfig
+from feddtl.config.server_config import ServerConfig
 from feddtl.backbones.hf_clip import HFClipBackbone
-from feddtl.backbones.lora_config import LoraConfig
+from feddtl.config.lora_config import LoraConfig
 from feddtl.backbones.tiny_clip import build_tiny_clip
 from feddtl.evaluation import harmonic_mean, local_accuracy
 from feddtl.federation import prompt_features

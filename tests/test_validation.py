@@ -13,7 +13,7 @@ from feddtl.algorithm.prototypes import class_prototypes
 from feddtl.algorithm.validation import UpdateSpec, update_norm, validate_update
 from feddtl.config import ConfigError, load_config, to_toml
 from feddtl.sim.robust import call_client, fault_hits
-from feddtl.sim.robust_config import FaultConfig
+from feddtl.config.faults_config import FaultConfig
 
 D = 8
 

@@ -27,10 +27,11 @@ from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
 import feddtl
-from feddtl.checkpoint_config import CheckpointConfig
+from feddtl.config.checkpoint_config import CheckpointConfig
 from feddtl.config import ConfigError, ExperimentConfig, load_config, to_toml
 from feddtl.methods.base import Method
-from feddtl.sim.robust_config import FaultConfig, RobustnessConfig
+from feddtl.config.faults_config import FaultConfig
+from feddtl.config.robustness_config import RobustnessConfig
 
 FORMAT_VERSION = 1
 CHECKPOINT_DIR = "checkpoint"

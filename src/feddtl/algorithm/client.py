@@ -15,10 +15,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from feddtl.algorithm.client_config import ClientConfig
+from feddtl.config.client_config import ClientConfig
 from feddtl.algorithm.encoding import TrunkFeatures, image_embeddings, image_features
 from feddtl.algorithm.grpo import class_logits, grpo_loss, hybrid_reference_logprobs, sample_actions
-from feddtl.algorithm.grpo_config import GRPOConfig
+from feddtl.config.grpo_config import GRPOConfig
 from feddtl.algorithm.messages import ClientTask, ClientUpdate
 from feddtl.algorithm.prototypes import class_prototypes
 from feddtl.backbones.base import Backbone, TextFeatures

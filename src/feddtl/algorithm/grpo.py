@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from feddtl.algorithm.grpo_config import GRPOConfig
+from feddtl.config.grpo_config import GRPOConfig
 
 
 def class_logits(embeddings: torch.Tensor, class_embeddings: torch.Tensor, scale: float) -> torch.Tensor:

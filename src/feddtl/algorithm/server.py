@@ -18,7 +18,7 @@ from feddtl.algorithm.client import minibatches
 from feddtl.algorithm.encoding import text_embeddings
 from feddtl.algorithm.grpo import class_logits
 from feddtl.algorithm.messages import ClientUpdate
-from feddtl.algorithm.server_config import ServerConfig
+from feddtl.config.server_config import ServerConfig
 from feddtl.backbones.base import Backbone, TextFeatures
 
 

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from feddtl.backbones.lora import inject_lora, load_lora_state, lora_parameters, lora_state_dict
-from feddtl.backbones.lora_config import LoraConfig
+from feddtl.config.lora_config import LoraConfig
 
 class BackboneError(RuntimeError):
     """A backbone cannot be built (missing weights or packages); the message says how to fix it."""

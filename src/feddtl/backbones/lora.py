@@ -13,7 +13,7 @@ from peft import LoraConfig as PeftLoraConfig
 from peft import inject_adapter_in_model
 from torch import nn
 
-from feddtl.backbones.lora_config import LoraConfig
+from feddtl.config.lora_config import LoraConfig
 
 
 def inject_lora(model: nn.Module, targets: list[str], config: LoraConfig) -> None:

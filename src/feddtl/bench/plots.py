@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import matplotlib
 import numpy as np
@@ -13,8 +13,7 @@ import numpy as np
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-if TYPE_CHECKING:
-    from feddtl.bench.report import CellSummary
+from feddtl.bench.cells import CellSummary, domain_names, domain_stats
 
 
 def _legend(axes: Any, **kwargs: Any) -> None:
@@ -116,10 +115,8 @@ def plot_clients(suite: dict[str, Any], cells: dict[tuple[str, str], CellSummary
 def plot_domains(
     suite: dict[str, Any], cells: dict[tuple[str, str], CellSummary], path: Path
 ) -> Path | None:
-    from feddtl.bench.report import _domain_names, domain_stats
-
     scenarios, methods = suite.get("scenario", []), suite.get("methods", [])
-    with_domains = [(sc, _domain_names(cells, sc["name"], methods)) for sc in scenarios]
+    with_domains = [(sc, domain_names(cells, sc["name"], methods)) for sc in scenarios]
     with_domains = [(sc, d) for sc, d in with_domains if d]
     if not with_domains:
         return None

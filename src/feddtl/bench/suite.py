@@ -1,6 +1,6 @@
 """A benchmark suite: a TOML file listing methods x scenarios on one base config, run over seeds.
 
-Format (see configs/suites/*.toml)::
+Format (see src/feddtl/presets/suites/*.toml)::
 
     name = "smoke"
     description = "what it is for"
@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from feddtl.config import ConfigError, ExperimentConfig, _toml_value, find_toml, load_config, to_toml
+from feddtl.config import ConfigError, ExperimentConfig, toml_value, find_toml, load_config, to_toml
 from feddtl.methods import available_methods
 
 
@@ -47,7 +47,7 @@ ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
 def suite_dir() -> Path:
-    """Where the named suites live (configs/suites, also reachable as feddtl/presets/suites)."""
+    """Where the named suites live (package data: feddtl/presets/suites)."""
     return Path(__file__).resolve().parent.parent / "presets" / "suites"
 
 
@@ -134,7 +134,7 @@ def _flatten(values: dict[str, Any], prefix: str = "") -> list[str]:
         if isinstance(v, dict):
             items += _flatten(v, f"{prefix}{k}.")
         else:
-            items.append(f"{prefix}{k}={_toml_value(v)}")
+            items.append(f"{prefix}{k}={toml_value(v)}")
     return items
 
 

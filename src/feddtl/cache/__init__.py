@@ -1,6 +1,6 @@
 """The frozen-trunk activation cache: trunk outputs computed once per run, in memory or on disk."""
 
-from feddtl.cache.cache_config import CacheConfig
+from feddtl.config.cache_config import CacheConfig
 from feddtl.cache.stores import MemmapStore, PixelStore, TensorStore
 from feddtl.cache.trunk_cache import TrunkCache, trunk_batches
 

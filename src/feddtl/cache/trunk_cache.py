@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from feddtl.backbones.base import Backbone
-from feddtl.cache.cache_config import CacheConfig
+from feddtl.config.cache_config import CacheConfig
 from feddtl.cache.stores import MemmapStore, PixelStore, TensorStore
 from feddtl.data import ImageDataset, dataset_to_tensor
 

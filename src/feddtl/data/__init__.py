@@ -1,11 +1,9 @@
 """Datasets, image transforms and federated partitions."""
 
-from .data_config import DataConfig
+from feddtl.config.data_config import DataConfig
+from .dataset import DatasetError, DatasetSplits, ImageDataset
 from .datasets import (
     DATASETS,
-    DatasetError,
-    DatasetSplits,
-    ImageDataset,
     available_datasets,
     load_dataset,
     read_idx,

@@ -26,8 +26,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from .data_config import DataConfig
-from .datasets import DIGIT_CLASSNAMES, DatasetError, DatasetSplits, ImageDataset, _with_test_cap
+from feddtl.config.data_config import DataConfig
+from .dataset import DIGIT_CLASSNAMES, DatasetError, DatasetSplits, ImageDataset, with_test_cap
+from .imagefolder import class_folders, scan_imagefolder
 from .partition import stratified_split
 
 DIGIT_DOMAINS: tuple[str, ...] = (
@@ -198,7 +199,7 @@ def load_digit_domains(config: DataConfig, seed: int) -> DatasetSplits:
         ids = np.concatenate([p[2] for p in parts])
         return ImageDataset(labels, DIGIT_CLASSNAMES, images=images, domains=ids, domain_names=names)
 
-    return _with_test_cap("digits-domains", build(train_parts), build(test_parts), config, seed)
+    return with_test_cap("digits-domains", build(train_parts), build(test_parts), config, seed)
 
 
 DOMAIN_PARTITIONS: tuple[str, ...] = ("domain", "domain-dirichlet")
@@ -254,24 +255,23 @@ def load_imagefolder_domains(name: str, root_text: str, config: DataConfig, seed
     each an image folder with one sub-folder per class (optionally under train/ and test/). Every
     domain must hold the same class folders. Without train/test folders, each domain is split
     per class with ``data.test_fraction``."""
-    from .datasets import _class_folders, _scan_imagefolder
 
     root = Path(root_text).expanduser()
     if not root.is_dir():
         raise DatasetError(f"{name}: {root} is not a folder (expected {root}/<domain>/<class>/*.jpg)")
-    domain_dirs = _class_folders(root)
+    domain_dirs = class_folders(root)
     if not domain_dirs:
         raise DatasetError(f"{name}: {root} has no domain sub-folders")
     classes: list[str] | None = None
     parts: dict[str, list[tuple[list[str], np.ndarray, int]]] = {"train": [], "test": []}
     for d, folder in enumerate(domain_dirs):
         if (folder / "train").is_dir() and (folder / "test").is_dir():
-            names, train_paths, train_labels = _scan_imagefolder(folder / "train", classes)
-            _, test_paths, test_labels = _scan_imagefolder(folder / "test", names)
+            names, train_paths, train_labels = scan_imagefolder(folder / "train", classes)
+            _, test_paths, test_labels = scan_imagefolder(folder / "test", names)
             parts["train"].append((train_paths, train_labels, d))
             parts["test"].append((test_paths, test_labels, d))
         else:
-            names, paths, labels = _scan_imagefolder(folder, classes)
+            names, paths, labels = scan_imagefolder(folder, classes)
             train_idx, test_idx = stratified_split(labels, config.test_fraction, seed + 101 * d)
             parts["train"].append(([paths[i] for i in train_idx], labels[train_idx], d))
             parts["test"].append(([paths[i] for i in test_idx], labels[test_idx], d))
@@ -285,4 +285,4 @@ def load_imagefolder_domains(name: str, root_text: str, config: DataConfig, seed
         ids = np.concatenate([np.full(len(item[0]), item[2]) for item in items])
         return ImageDataset(labels, classnames, paths=paths, domains=ids, domain_names=domain_names)
 
-    return _with_test_cap(name, build(parts["train"]), build(parts["test"]), config, seed)
+    return with_test_cap(name, build(parts["train"]), build(parts["test"]), config, seed)

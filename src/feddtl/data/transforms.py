@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from .datasets import ImageDataset
+from .dataset import ImageDataset
 
 
 def images_to_tensor(

@@ -18,7 +18,7 @@ from torch import nn
 
 from feddtl.algorithm.aggregation import weighted_average
 from feddtl.algorithm.client import ClientData, sft_epochs
-from feddtl.algorithm.client_config import ClientConfig
+from feddtl.config.client_config import ClientConfig
 from feddtl.algorithm.messages import ClientTask, ClientUpdate
 from feddtl.backbones.base import Backbone
 from feddtl.config import ExperimentConfig

@@ -23,7 +23,7 @@ from feddtl.algorithm.messages import ClientTask, ClientUpdate
 from feddtl.algorithm.validation import UpdateSpec, update_norm, validate_update
 from feddtl.config import ExperimentConfig
 from feddtl.federation import Federation
-from feddtl.sim.robust_config import FaultConfig, FaultMode
+from feddtl.config.faults_config import FaultConfig, FaultMode
 
 # Fault modes that corrupt a finished update (the others make the client fail to answer).
 CORRUPTIONS = tuple(m for m in get_args(FaultMode) if m not in ("none", "raise", "timeout", "slow", "drop"))

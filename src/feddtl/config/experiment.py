@@ -1,0 +1,139 @@
+"""The whole experiment's typed configuration: top-level keys and one section per component.
+
+Config sits at the bottom of the import order: every section lives in this package (one
+``<section>_config.py`` each), so nothing here imports the code that reads it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from feddtl.config.backbone_config import BackboneConfig
+from feddtl.config.cache_config import CacheConfig
+from feddtl.config.checkpoint_config import CheckpointConfig
+from feddtl.config.client_config import ClientConfig
+from feddtl.config.data_config import DataConfig
+from feddtl.config.errors import ConfigError
+from feddtl.config.eval_config import EvalConfig
+from feddtl.config.faults_config import FaultConfig
+from feddtl.config.fedpgp_config import FedPGPConfig
+from feddtl.config.flower_config import FlowerConfig
+from feddtl.config.grpo_config import GRPOConfig
+from feddtl.config.lora_config import LoraConfig
+from feddtl.config.promptfl_config import PromptConfig
+from feddtl.config.registry import available_methods
+from feddtl.config.robustness_config import RobustnessConfig
+from feddtl.config.server_config import ServerConfig
+
+__all__ = ["ConfigError", "ExperimentConfig"]
+
+
+@dataclass
+class ExperimentConfig:
+    """A whole experiment. Top-level keys are the ones other tools (bench, Flower) rely on."""
+
+    method: str = "feddtl"
+    """Method name from the registry (`feddtl methods` lists them)."""
+    dataset: str = "fashion-mnist"
+    """Dataset name (fashion-mnist, mnist5k, digits) or imagefolder:<path>."""
+    backbone: str = "lite"
+    """"lite" (offline default) or "hf-clip:<hub id or local path>"."""
+    partition: Literal["iid", "dirichlet", "pathological", "domain", "domain-dirichlet"] = "pathological"
+    """Label skew across clients over the base classes; "domain" (whole domains per client) and
+    "domain-dirichlet" (domains x Dir(alpha)) are feature shift, for datasets with domains (digits-domains)."""
+    num_clients: int = 5
+    """K, the number of clients (paper: 5)."""
+    shots: int | None = 16
+    """Few-shot: images per class per client. None: full data."""
+    rounds: int = 20
+    """T, communication rounds (paper: 20)."""
+    seed: int = 0
+    """Seed of everything: split, partition, shots, initialisation, batches, noise."""
+    alpha: float = 0.1
+    """Dirichlet concentration for partition = "dirichlet" (paper: 0.1)."""
+    classes_per_client: int = 2
+    """Base classes per client for partition = "pathological"."""
+    client_fraction: float = 1.0
+    """Fraction of clients selected per round (at least one)."""
+    max_train_per_client: int | None = None
+    """Full-data cap on training images per client (seeded subsample); None: no cap."""
+    base_novel: Literal["half", "random"] = "half"
+    """How classes split into base (trained) and novel (held out): first half, or a seeded random half."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where the towers run; auto picks CUDA when available."""
+    data: DataConfig = field(default_factory=DataConfig)
+    backbone_options: BackboneConfig = field(default_factory=BackboneConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    client: ClientConfig = field(default_factory=ClientConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
+    prompt: PromptConfig = field(default_factory=PromptConfig)
+    fedpgp: FedPGPConfig = field(default_factory=FedPGPConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    robustness: RobustnessConfig = field(default_factory=RobustnessConfig)
+    faults: FaultConfig = field(default_factory=FaultConfig)
+    flower: FlowerConfig = field(default_factory=FlowerConfig)
+
+    @property
+    def switch_round(self) -> int:
+        """M, resolved: rounds <= M run SFT."""
+        m = self.client.switch_round
+        return self.rounds // 2 if m is None else m
+
+    def validate(self) -> None:
+        if self.method not in available_methods():
+            raise ConfigError(f"method={self.method!r} is unknown; allowed: {', '.join(available_methods())}")
+        if not (self.backbone == "lite" or self.backbone.startswith("hf-clip:")):
+            raise ConfigError(f"backbone={self.backbone!r} is unknown; allowed: lite, hf-clip:<hub id or local path>")
+        if self.backbone.startswith("hf-clip:") and not self.backbone[len("hf-clip:") :]:
+            raise ConfigError("backbone='hf-clip:' needs a hub id or local path after the colon")
+        checks: list[tuple[bool, str]] = [
+            (self.num_clients >= 1, f"num_clients must be >= 1, got {self.num_clients}"),
+            (self.shots is None or self.shots >= 1, f"shots must be >= 1 or none (full data), got {self.shots}"),
+            (self.rounds >= 1, f"rounds must be >= 1, got {self.rounds}"),
+            (self.alpha > 0, f"alpha must be > 0 (Dirichlet concentration), got {self.alpha}"),
+            (self.classes_per_client >= 1, f"classes_per_client must be >= 1, got {self.classes_per_client}"),
+            (0 < self.client_fraction <= 1, f"client_fraction must be in (0, 1], got {self.client_fraction}"),
+            (
+                self.max_train_per_client is None or self.max_train_per_client >= 1,
+                f"max_train_per_client must be >= 1 or none, got {self.max_train_per_client}",
+            ),
+            (self.eval.every >= 1, f"eval.every must be >= 1, got {self.eval.every}"),
+            (self.eval.batch_size >= 1, f"eval.batch_size must be >= 1, got {self.eval.batch_size}"),
+            (
+                self.client.switch_round is None or self.client.switch_round <= self.rounds,
+                f"client.switch_round must be <= rounds ({self.rounds}), got {self.client.switch_round}",
+            ),
+            (
+                self.backbone_options.bridge_top_k is None or self.backbone_options.bridge_top_k >= 1,
+                "backbone_options.bridge_top_k must be >= 1 or none",
+            ),
+            (self.backbone_options.bridge_temperature > 0, "backbone_options.bridge_temperature must be > 0"),
+            (
+                self.backbone_options.logit_scale is None or self.backbone_options.logit_scale > 0,
+                "backbone_options.logit_scale must be > 0 or none",
+            ),
+            ("{}" in self.backbone_options.template, "backbone_options.template must contain {} for the class name"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+        for section in (
+            self.data, self.lora, self.client, self.grpo, self.server, self.prompt, self.cache, self.checkpoint,
+            self.robustness, self.flower, self.fedpgp,
+        ):
+            try:
+                section.validate()
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
+        try:
+            self.faults.validate(self.num_clients, self.rounds, self.robustness)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
