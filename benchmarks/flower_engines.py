@@ -23,7 +23,7 @@ from pathlib import Path
 from feddtl.config import load_config
 from feddtl.flower.certs import write_dev_pki
 from feddtl.flower.deploy import COMPLETED, LocalDeployment
-from feddtl.rundir import result_fields
+from feddtl.server.rundir import result_fields
 
 REPO = Path(__file__).resolve().parents[1]
 PLACEMENT = ("engine", "cache")

@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 
 from feddtl.config import load_config
-from feddtl.sim.inprocess import run_experiment
+from feddtl.server.experiment import run_experiment
 
 SETTINGS = [("embedding", 0.1), ("embedding", 0.03), ("embedding", 0.01), ("features", 0.1), ("features", 0.03)]
 

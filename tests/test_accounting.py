@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from feddtl.algorithm.messages import ClientTask, ClientUpdate
-from feddtl.sim.accounting import (
+from feddtl.server.accounting import (
     MemoryMeter,
     _reset_high_water_mark,
     communication_summary,

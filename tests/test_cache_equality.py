@@ -12,7 +12,7 @@ import pytest
 
 from feddtl.backbones.tiny_clip import build_tiny_clip
 from feddtl.config import load_config
-from feddtl.sim.inprocess import run_experiment
+from feddtl.server.experiment import run_experiment
 
 # One SFT round and one RL round, evaluated after each: every code path that reads trunk features.
 SHORT = ["rounds=2", "client.switch_round=1", "eval.every=1"]

@@ -24,14 +24,15 @@ import torch
 from PIL import Image
 
 from feddtl.backbones.tiny_clip import build_tiny_clip
-from feddtl.checkpoint import CheckpointError, load_checkpoint, load_run_config, save_checkpoint
+from feddtl.server.checkpoint import CheckpointError, load_checkpoint, load_run_config, save_checkpoint
 from feddtl.cli import main as cli_main
 from feddtl.config import ConfigError, load_config
 from feddtl.data import DataConfig, DatasetError, load_dataset
 from feddtl.federation import build_federation, class_split, client_indices
-from feddtl.rundir import RunDir, result_fields
-from feddtl.sim.inprocess import build_method, run_experiment, run_rounds
-from feddtl.sim.robust import RoundFailed
+from feddtl.server.rundir import RunDir, result_fields
+from feddtl.server.experiment import build_method, client_runner, run_experiment
+from feddtl.server.loop import run_rounds
+from feddtl.server.robust import RoundFailed
 
 
 
@@ -65,7 +66,8 @@ def run_with(bundle, base_overrides, out: Path, overrides: list[str]):
     run = RunDir(out)
     run.write_config(fed.config)
     run.reset_metrics()
-    return run_rounds(fed, method, run, progress=False, log_fn=lambda s: None), method
+    clients = client_runner(fed, method)  # in-process clients, inside the fault harness when [faults] asks
+    return run_rounds(fed, method, clients, run, progress=False, log_fn=lambda s: None), method
 
 
 @pytest.fixture(scope="module")

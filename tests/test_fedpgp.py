@@ -24,10 +24,11 @@ from feddtl.evaluation import evaluate, local_accuracy
 from feddtl.federation import build_federation
 from feddtl.flower import records
 from feddtl.methods.fedpgp import contrastive_loss, personal_init
-from feddtl.rundir import RunDir, result_fields
-from feddtl.sim.accounting import round_communication, tensor_bytes
-from feddtl.sim.inprocess import build_method, run_experiment
-from feddtl.sim.robust import RoundFailed, corrupt_update, update_spec
+from feddtl.server.rundir import RunDir, result_fields
+from feddtl.server.accounting import round_communication, tensor_bytes
+from feddtl.server.experiment import build_method, run_experiment
+from feddtl.server.faults import corrupt_update
+from feddtl.server.robust import RoundFailed, update_spec
 
 ROUNDS = 2
 

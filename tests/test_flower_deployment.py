@@ -22,8 +22,8 @@ from feddtl.backbones.tiny_clip import build_tiny_clip
 from feddtl.config import load_config
 from feddtl.flower.certs import write_dev_pki
 from feddtl.flower.deploy import COMPLETED, LocalDeployment, flower_bin_dir
-from feddtl.rundir import result_fields
-from feddtl.sim.inprocess import run_experiment
+from feddtl.server.rundir import result_fields
+from feddtl.server.experiment import run_experiment
 
 REPO = Path(__file__).resolve().parents[1]
 # tiny with two clients (pathological needs 2 x 3 classes to cover the 5 base classes), two rounds.

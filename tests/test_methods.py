@@ -16,7 +16,7 @@ from feddtl.config import load_config
 from feddtl.federation import build_federation
 from feddtl.methods import available_methods, get_method
 from feddtl.methods.promptfl import prompt_text_embeddings, prompt_tokens
-from feddtl.sim.inprocess import build_method
+from feddtl.server.experiment import build_method
 
 
 @pytest.fixture(scope="module")
@@ -101,8 +101,8 @@ def test_promptfl_initial_context_reproduces_the_plain_prompts(fed):
 @pytest.mark.slow
 def test_shared_federation_runs_equal_standalone_runs(clip_dir, tmp_path):
     from feddtl.bench.worker import run_cells
-    from feddtl.rundir import result_fields
-    from feddtl.sim.inprocess import run_experiment
+    from feddtl.server.rundir import result_fields
+    from feddtl.server.experiment import run_experiment
 
     cfg_lora, cfg_dtl = _config(clip_dir, "fedlora"), _config(clip_dir, "feddtl")
     run_cells([(cfg_lora, tmp_path / "a"), (cfg_dtl, tmp_path / "b")], log_fn=lambda s: None)

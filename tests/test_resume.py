@@ -20,12 +20,12 @@ import pytest
 import torch
 
 from feddtl.backbones.tiny_clip import build_tiny_clip
-from feddtl.checkpoint import checkpoint_due, load_checkpoint, load_run_config
+from feddtl.server.checkpoint import checkpoint_due, load_checkpoint, load_run_config
 from feddtl.config import load_config
 from feddtl.methods.state import load_optimizer_state, optimizer_state
-from feddtl.rundir import RunDir, result_fields
-from feddtl.sim.inprocess import run_experiment
-from feddtl.sim.robust import RoundFailed
+from feddtl.server.rundir import RunDir, result_fields
+from feddtl.server.experiment import run_experiment
+from feddtl.server.robust import RoundFailed
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 

@@ -10,8 +10,8 @@ from safetensors.torch import load_file
 from feddtl.backbones.tiny_clip import build_tiny_clip
 from feddtl.cli import main
 from feddtl.config import load_config
-from feddtl.rundir import result_fields
-from feddtl.sim.inprocess import run_experiment
+from feddtl.server.rundir import result_fields
+from feddtl.server.experiment import run_experiment
 
 REQUIRED = {"method", "dataset", "backbone", "partition", "rounds", "seed", "base_acc", "novel_acc", "local_acc", "hm"}
 

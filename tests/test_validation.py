@@ -12,7 +12,8 @@ from feddtl.algorithm.messages import ClientUpdate
 from feddtl.algorithm.prototypes import class_prototypes
 from feddtl.algorithm.validation import UpdateSpec, update_norm, validate_update
 from feddtl.config import ConfigError, load_config, to_toml
-from feddtl.sim.robust import call_client, fault_hits
+from feddtl.server.faults import fault_hits
+from feddtl.server.robust import call_client
 from feddtl.config.faults_config import FaultConfig
 
 D = 8

@@ -12,7 +12,7 @@ from feddtl.config import ConfigError, ExperimentConfig, available_presets, load
 
 def _run_target(args: argparse.Namespace) -> tuple[ExperimentConfig, str]:
     """(config, run directory) of `feddtl run`, fresh or resumed."""
-    from feddtl.checkpoint import load_run_config
+    from feddtl.server.checkpoint import load_run_config
 
     if args.resume is None:
         if args.out is None:
@@ -27,10 +27,10 @@ def _run_target(args: argparse.Namespace) -> tuple[ExperimentConfig, str]:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from feddtl.backbones.base import BackboneError
-    from feddtl.checkpoint import CheckpointError
+    from feddtl.server.checkpoint import CheckpointError
     from feddtl.data import DatasetError
-    from feddtl.sim.inprocess import run_experiment
-    from feddtl.sim.robust import RoundFailed
+    from feddtl.server.experiment import run_experiment
+    from feddtl.server.robust import RoundFailed
 
     try:
         config, out = _run_target(args)

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from feddtl.bench.suite import Cell, Suite, cell_config_text, preflight
 from feddtl.config import ConfigError, loads_config
-from feddtl.rundir import atomic_write_text
+from feddtl.server.rundir import atomic_write_text
 
 
 @dataclass

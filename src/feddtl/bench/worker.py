@@ -43,7 +43,7 @@ def run_cells(
     results of the cells that finished.
     """
     from feddtl.federation import build_federation
-    from feddtl.sim.inprocess import run_experiment
+    from feddtl.server.experiment import run_experiment
 
     fed = None
     key = None

@@ -23,7 +23,7 @@ from feddtl.data import DatasetSplits, load_dataset
 from feddtl.federation import build_client, class_split, client_partition, make_backbone, to_base_index
 from feddtl.flower import records
 from feddtl.methods import get_method
-from feddtl.sim.inprocess import client_seed
+from feddtl.server.clients import client_seed
 
 PARTITION_ID = "partition-id"
 NUM_PARTITIONS = "num-partitions"

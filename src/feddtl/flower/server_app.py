@@ -1,7 +1,7 @@
-"""The FedDTL ServerApp: the in-process round loop, with the client steps run on SuperNodes.
+"""The FedDTL ServerApp: the engine-neutral server loop, with the client steps run on SuperNodes.
 
-The server side is ``run_experiment`` from the in-process simulator, unchanged: the same Method makes
-each round's task, the same robust round (sim.robust: validation, retries, min_fit_fraction) collects
+The server side is ``feddtl.server.experiment.run_experiment``, unchanged: the same Method makes
+each round's task, the same robust round (server.robust: validation, retries, min_fit_fraction) collects
 the updates, which are aggregated in partition order (so the floating-point sums are the in-process
 ones); the server runs its own text-LoRA alignment step, evaluates and writes the same run directory.
 Only two things differ: the server builds no client data (``with_clients=False``), and a
@@ -30,7 +30,7 @@ from feddtl.algorithm.messages import ClientTask, ClientUpdate
 from feddtl.config import ConfigError, ExperimentConfig, load_config, to_toml
 from feddtl.federation import Federation, build_federation
 from feddtl.flower import records
-from feddtl.sim.inprocess import run_experiment
+from feddtl.server.experiment import run_experiment
 
 POLL_S = 0.2
 """Pull interval while waiting for replies (Grid.send_and_receive sleeps 3 s between pulls)."""
@@ -137,29 +137,26 @@ class SuperNodeClients:
         )
         return [found[pid][1] for pid in range(k)], [found[pid][2] for pid in range(k)]
 
-    def dispatch(self, task: ClientTask, clients: list[int], tasks: dict[int, ClientTask] | None = None) -> None:
-        """Send ``task`` to the SuperNodes of ``clients`` at once; keep each reply (or why there is none).
-
-        ``tasks``: each client's own task instead (``Method.client_task``: a personalised method's state
-        goes only to its client)."""
+    def dispatch(self, tasks: dict[int, ClientTask]) -> None:
+        """Send each client its task (``tasks[k]``) on its SuperNode, all at once; keep each reply (or why
+        there is none). A task shared by several clients is encoded once."""
         if self.fed is None:
             raise RuntimeError("SuperNodeClients.connect must run before the first round")
-        shared = records.task_to_records(task, self.experiment) if tasks is None else None
+        encoded: dict[int, RecordDict] = {}
 
-        def content(k: int) -> RecordDict:
-            if shared is not None:
-                return shared
-            assert tasks is not None
-            return records.task_to_records(tasks[k], self.experiment)
+        def content(task: ClientTask) -> RecordDict:
+            if id(task) not in encoded:
+                encoded[id(task)] = records.task_to_records(task, self.experiment)
+            return encoded[id(task)]
 
         messages = [
-            Message(content(k), dst_node_id=self.nodes[k], message_type=MessageType.TRAIN, group_id=str(task.round))
-            for k in clients
+            Message(content(task), dst_node_id=self.nodes[k], message_type=MessageType.TRAIN, group_id=str(task.round))
+            for k, task in tasks.items()
         ]
         timeout = self.config.flower.round_timeout
         by_node = {r.metadata.src_node_id: r for r in exchange(self.grid, messages, timeout)}
         self.replies = {}
-        for k in clients:
+        for k in tasks:
             reply = by_node.get(self.nodes[k])
             if reply is None:
                 self.replies[k] = TimeoutError(f"no reply within {timeout:g} s (flower.round_timeout)")
@@ -186,6 +183,9 @@ class SuperNodeClients:
             embed_dim=backbone.info.embed_dim,
         )
 
+    def cancel(self, client_id: int) -> None:
+        """Nothing to do: a reply that arrives after the server gave up is dropped with the next dispatch."""
+
 
 def engine_name(grid: Grid) -> str:
     # The Simulation Engine hands the ServerApp an in-memory grid; the Deployment Engine an HTTP one.
@@ -209,7 +209,7 @@ def serve(
 
     log_fn(f"FedDTL ServerApp: {config.method} on {config.dataset}, {config.num_clients} clients -> {out_dir}")
     results = run_experiment(
-        config, out_dir, progress=False, log_fn=log_fn, build=build, client_runner=clients,
+        config, out_dir, progress=False, log_fn=log_fn, build=build, remote_clients=clients,
         engine=engine or engine_name(grid),
     )
     log_fn(

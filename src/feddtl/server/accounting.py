@@ -9,7 +9,9 @@ from __future__ import annotations
 import os
 import platform
 import resource
-from collections.abc import Sequence
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -153,7 +155,8 @@ def _reset_high_water_mark() -> bool:
 
 
 class MemoryMeter:
-    """Peak RSS per phase of a run, plus the peak over the whole run.
+    """Wall time and peak RSS per phase of a run (client, server, eval) and per round, plus the peak over
+    the whole run.
 
     On Linux each phase resets the kernel's high-water mark (VmHWM), so a phase's peak is its own;
     the run's peak is kept here. Elsewhere a phase's peak is the process peak so far.
@@ -162,6 +165,26 @@ class MemoryMeter:
     def __init__(self) -> None:
         self._run_peak = peak_rss_mb()
         self._can_reset = platform.system() == "Linux"
+        self._round_start = time.perf_counter()
+
+    def start_round(self) -> None:
+        self._round_start = time.perf_counter()
+
+    @contextmanager
+    def phase(self, row: dict[str, Any], name: str) -> Iterator[None]:
+        """Measure the block as phase ``name``: ``time_<name>_s`` and ``rss_peak_<name>_mb`` go into ``row``
+        (nothing when the block raises)."""
+        self.start_phase()
+        start = time.perf_counter()
+        yield
+        row[f"time_{name}_s"] = time.perf_counter() - start
+        row[f"rss_peak_{name}_mb"] = self.end_phase()
+
+    def end_round(self, row: dict[str, Any]) -> None:
+        """The round's wall time, the RSS now and the run's peak so far, into ``row``."""
+        row["time_round_s"] = time.perf_counter() - self._round_start
+        row["rss_mb"] = current_rss_mb()
+        row["peak_rss_mb"] = self.run_peak()
 
     def start_phase(self) -> None:
         self._run_peak = max(self._run_peak, peak_rss_mb())

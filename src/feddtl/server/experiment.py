@@ -1,0 +1,131 @@
+"""One experiment, start to end: build the federation and the method, run (or resume) the rounds,
+and write the run directory. Every engine calls ``run_experiment``; only the ``ClientRunner`` differs.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import feddtl
+from feddtl.config import ExperimentConfig
+from feddtl.federation import Federation, build_federation
+from feddtl.methods import get_method
+from feddtl.methods.base import Method, ServerContext
+from feddtl.reporting.plots import plot_run
+from feddtl.server.accounting import MemoryMeter, communication_summary, phase_summary
+from feddtl.server.checkpoint import load_checkpoint, remove_checkpoint, restore_checkpoint
+from feddtl.server.clients import ClientRunner, InProcessClients
+from feddtl.server.faults import FaultyClients
+from feddtl.server.loop import evaluate_method, run_rounds
+from feddtl.server.robust import update_spec
+from feddtl.server.rundir import RunDir
+
+BuildFn = Callable[..., Federation]
+"""Builds the federation: called as ``build(config, log_fn=..., run_dir=...)``."""
+
+FINAL_FIELDS = ("base_acc", "novel_acc", "hm", "local_acc", "local_acc_per_client")
+
+
+def build_method(fed: Federation) -> Method:
+    ctx = ServerContext(
+        backbone=fed.backbone, config=fed.config, base_text=fed.base_text, novel_text=fed.novel_text,
+        base_names=fed.classes.base_names, novel_names=fed.classes.novel_names,
+    )
+    return get_method(fed.config.method)(ctx)
+
+
+def client_runner(fed: Federation, method: Method, remote: ClientRunner | None = None) -> ClientRunner:
+    """The runner of the clients: ``remote`` (e.g. Flower SuperNodes) or in-process clients, wrapped in
+    the fault harness when ``[faults]`` asks for injected faults (tests and demos)."""
+    clients = remote if remote is not None else InProcessClients(fed, method)
+    if fed.config.faults.mode == "none":
+        return clients
+    return FaultyClients(
+        clients, fed.config.faults,
+        lambda task, k: update_spec(fed, task, k, extra_reference=method.update_extra_reference(task)),
+    )
+
+
+def run_experiment(
+    config: ExperimentConfig,
+    out_dir: str | Path,
+    progress: bool = True,
+    log_fn: Callable[[str], None] = print,
+    fed: Federation | None = None,
+    resume: bool = False,
+    build: BuildFn = build_federation,
+    remote_clients: ClientRunner | None = None,
+    engine: str = "inprocess",
+) -> dict[str, Any]:
+    """Run one experiment and write its run directory; returns results.json's content.
+
+    ``fed``: an already built federation for this config (the bench reuses one across methods, with
+    the backbone's LoRA reset to its initial state); None builds it.
+    ``resume``: continue the run in ``out_dir`` from its checkpoint (``config`` must be its config.toml,
+    see checkpoint.load_run_config); the metrics rows past the checkpoint are dropped and recomputed.
+    ``build``, ``remote_clients``, ``engine``: the Flower ServerApp passes its own federation builder
+    (server side only), the runner of its SuperNodes, and its engine's name.
+    """
+    started = time.perf_counter()
+    meter = MemoryMeter()
+    run = RunDir(out_dir)
+    checkpoint = load_checkpoint(run.path, config) if resume else None  # before the slow setup: fail fast
+    if checkpoint is None:
+        remove_checkpoint(run.path)
+        run.reset_metrics()
+    run.write_config(config)
+    meter.start_phase()
+    if fed is None:
+        fed = build(config, log_fn=log_fn, run_dir=run.path)
+    setup_s = time.perf_counter() - started
+    setup_peak = meter.end_phase()
+    method = build_method(fed)
+    rows: list[dict[str, Any]] = []
+    if method.trains:
+        start_round = 1
+        if checkpoint is not None:
+            restore_checkpoint(checkpoint, method)
+            rows = checkpoint.rows
+            run.write_metrics(rows)
+            start_round = checkpoint.round + 1
+            log_fn(f"resuming {run.path} after round {checkpoint.round} of {config.rounds}")
+        elif resume:
+            log_fn(f"{run.path} has no checkpoint: starting at round 1")
+        clients = client_runner(fed, method, remote_clients)
+        rows = run_rounds(fed, method, clients, run, start_round, rows, meter, progress=progress, log_fn=log_fn)
+        final = {k: rows[-1][k] for k in FINAL_FIELDS}
+        if "per_domain_acc" in rows[-1]:
+            final["per_domain_acc"] = rows[-1]["per_domain_acc"]
+    else:
+        final = evaluate_method(fed, method)
+        run.append_metrics({"round": 0, **final})
+    results = {
+        "method": config.method,
+        "engine": engine,
+        "dataset": config.dataset,
+        "backbone": config.backbone,
+        "partition": config.partition,
+        "num_clients": config.num_clients,
+        "shots": config.shots,
+        "rounds": config.rounds if method.trains else 0,
+        "seed": config.seed,
+        **final,
+        **communication_summary(rows, fed.backbone.parameter_bytes()),
+        "setup_s": setup_s,
+        **phase_summary(rows),
+        "rss_peak_setup_mb": setup_peak,
+        "peak_rss_mb": meter.run_peak(),
+        "cache": fed.cache.summary() if fed.cache is not None else None,
+        "time_cache_build_s": fed.cache.build_s if fed.cache is not None else None,
+        "wall_s": time.perf_counter() - started,
+        "feddtl_version": feddtl.__version__,
+    }
+    if fed.cache is not None:
+        fed.cache.close()  # the disk store (if any) is per run: its files go now
+    run.write_results(results)
+    run.save_weights(method.state_dict())
+    plot_run(run.read_metrics(), run.path, title=f"{config.method} on {config.dataset}")
+    return results
