@@ -26,6 +26,7 @@ from feddtl.flower import records
 from feddtl.methods.fedpgp import contrastive_loss, personal_init
 from feddtl.server.rundir import RunDir, result_fields
 from feddtl.server.accounting import round_communication, tensor_bytes
+from feddtl.methods.text_side import with_base_text
 from feddtl.server.experiment import build_method, run_experiment
 from feddtl.server.faults import corrupt_update
 from feddtl.server.robust import RoundFailed, update_spec
@@ -63,7 +64,7 @@ def _round(fed, method, clients: list[int], round_num: int = 1) -> tuple[dict[in
     """One round of ``method`` on ``clients`` the way the loop runs it: per-client tasks, then the server."""
     task = method.make_task(round_num)
     tasks = {k: method.client_task(task, k) for k in clients}
-    updates = [method.client_step(fed.backbone, fed.clients[k], tasks[k], fed.config, 100 + k) for k in clients]
+    updates = [method.client_step(fed.backbone, with_base_text(fed.clients[k], fed.base_text), tasks[k], fed.config, 100 + k) for k in clients]
     return tasks, updates
 
 
@@ -134,8 +135,8 @@ def test_contrastive_weight_zero_trains_with_cross_entropy_only(fed, clip_dir):
     method = build_method(type(fed)(**{**vars(fed), "config": config}))
     task = method.client_task(method.make_task(1), 0)
     # execute
-    with_con = build_method(fed).client_step(fed.backbone, fed.clients[0], task, fed.config, 7)
-    without = method.client_step(fed.backbone, fed.clients[0], task, config, 7)
+    with_con = build_method(fed).client_step(fed.backbone, with_base_text(fed.clients[0], fed.base_text), task, fed.config, 7)
+    without = method.client_step(fed.backbone, with_base_text(fed.clients[0], fed.base_text), task, config, 7)
     # assert: the contrastive term is reported and changes the training; without it, it is absent
     assert "loss_extra" in with_con.metrics and "loss_extra" not in without.metrics
     assert not torch.equal(with_con.extra["sigma"], without.extra["sigma"])
@@ -253,11 +254,11 @@ def test_personal_task_and_update_survive_flower_records(fed):
     backbone = fed.backbone
     # execute
     task_back = records.task_from_records(
-        records.task_to_records(tasks[2], ""), backbone.image_lora_state(), backbone.text_lora_state(),
+        records.task_to_records(tasks[2], ""), backbone.image_lora_state(),
         num_classes=len(fed.classes.base), embed_dim=backbone.info.embed_dim,
     )
     update_back = records.update_from_records(
-        records.update_to_records(update), {}, {}, num_classes=len(fed.classes.base),
+        records.update_to_records(update), {}, num_classes=len(fed.classes.base),
         embed_dim=backbone.info.embed_dim,
     )
     # assert
@@ -268,7 +269,7 @@ def test_personal_task_and_update_survive_flower_records(fed):
     update.extra["U"] = update.extra["U"].clone()
     update.extra["U"][0, 0] = float("nan")
     with pytest.raises(records.RecordError, match="NaN"):
-        records.update_from_records(records.update_to_records(update), {}, {}, num_classes=len(fed.classes.base),
+        records.update_from_records(records.update_to_records(update), {}, num_classes=len(fed.classes.base),
                                     embed_dim=backbone.info.embed_dim)
 
 

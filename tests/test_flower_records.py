@@ -38,7 +38,7 @@ def _task(stage: str = "rl") -> ClientTask:
         image_lora=_random_state(LORA, 0),
         class_embeddings=torch.randn(C, D),
         sft_reference_lora=_random_state(LORA, 1) if stage == "rl" else None,
-        text_lora=_random_state(TEXT_LORA, 2),
+        extra=_random_state(TEXT_LORA, 2),  # another method's own tensors (here: a text LoRA) travel in extra
     )
 
 
@@ -54,11 +54,11 @@ def _update() -> ClientUpdate:
 
 
 def _task_back(content: RecordDict) -> ClientTask:
-    return records.task_from_records(content, LORA, TEXT_LORA, num_classes=C, embed_dim=D)
+    return records.task_from_records(content, LORA, num_classes=C, embed_dim=D)
 
 
 def _update_back(content: RecordDict) -> ClientUpdate:
-    return records.update_from_records(content, LORA, TEXT_LORA, num_classes=C, embed_dim=D)
+    return records.update_from_records(content, LORA, num_classes=C, embed_dim=D)
 
 
 def _same_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
@@ -76,7 +76,7 @@ def test_task_round_trip_is_exact(stage: str) -> None:
     assert (back.sft_reference_lora is None) == (task.sft_reference_lora is None)
     if task.sft_reference_lora is not None:
         assert _same_state(back.sft_reference_lora, task.sft_reference_lora)
-    assert _same_state(back.text_lora, task.text_lora)
+    assert _same_state(back.extra, task.extra)
     assert records.experiment_of(content) == "seed = 3\n"
 
 
@@ -89,7 +89,7 @@ def test_update_round_trip_is_exact_and_uses_flower_record_types() -> None:
     assert (back.client_id, back.num_samples, back.metrics) == (1, 24, update.metrics)
     assert _same_state(back.image_lora, update.image_lora)
     assert torch.equal(back.embeddings, update.embeddings) and torch.equal(back.labels, update.labels)
-    assert back.labels.dtype == torch.int64 and back.text_lora is None
+    assert back.labels.dtype == torch.int64 and back.extra == {}
 
 
 def test_lora_with_a_wrong_shape_is_refused_with_its_name() -> None:

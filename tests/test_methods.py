@@ -16,6 +16,8 @@ from feddtl.config import load_config
 from feddtl.federation import build_federation
 from feddtl.methods import available_methods, get_method
 from feddtl.methods.promptfl import prompt_text_embeddings, prompt_tokens
+from feddtl.methods.state import unprefixed
+from feddtl.methods.text_side import with_base_text
 from feddtl.server.experiment import build_method
 
 
@@ -42,12 +44,13 @@ def _changed(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) ->
 def _one_client_round(fed, method_name: str, round_num: int):
     config = _config(fed.config.backbone[len("hf-clip:"):], method_name)
     method = build_method(type(fed)(**{**vars(fed), "config": config}))
+    data = with_base_text(fed.clients[0], fed.base_text)  # what the engines hand a text-training client
     if round_num > 1:  # reach the RL stage the way the loop does: SFT rounds first
         for t in range(1, round_num):
             task = method.make_task(t)
-            method.server_update([method.client_step(fed.backbone, fed.clients[0], task, config, t)], t)
+            method.server_update([method.client_step(fed.backbone, data, task, config, t)], t)
     task = method.make_task(round_num)
-    update = method.client_step(fed.backbone, fed.clients[0], task, config, 123)
+    update = method.client_step(fed.backbone, data, task, config, 123)
     return method, task, update
 
 
@@ -59,18 +62,19 @@ def test_registry_lists_every_baseline():
 
 def test_fedlora_trains_both_towers_and_uploads_no_embeddings(fed):
     _, task, update = _one_client_round(fed, "fedlora", 1)
-    assert task.stage == "sft" and task.text_lora is not None
+    assert task.stage == "sft" and unprefixed(task.extra, "text")  # the global text LoRA travels in extra
     assert _changed(task.image_lora, update.image_lora)
-    assert _changed(task.text_lora, update.text_lora)
+    assert _changed(unprefixed(task.extra, "text"), unprefixed(update.extra, "text"))
     assert len(update.embeddings) == 0 and len(update.labels) == 0
 
 
 def test_twostage_runs_grpo_on_both_towers_after_the_switch(fed):
     method, task, update = _one_client_round(fed, "feddtl-twostage", 2)
     assert task.stage == "rl"
-    assert task.sft_reference_lora is not None and task.extra  # end-of-SFT image and text LoRA
+    # end-of-SFT image and text LoRA
+    assert task.sft_reference_lora is not None and unprefixed(task.extra, "sft_reference_text")
     assert {"reward", "silent_groups", "kl", "clip_fraction"} <= set(update.metrics)
-    assert _changed(task.text_lora, update.text_lora)  # the text LoRA gets the RL gradient
+    assert _changed(unprefixed(task.extra, "text"), unprefixed(update.extra, "text"))  # the text LoRA gets the RL gradient
 
 
 def test_decoupled_never_enters_rl(fed):

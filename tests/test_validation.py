@@ -64,10 +64,10 @@ def test_update_norm_is_the_distance_to_the_global_weights():
         (dict(labels=torch.tensor([0, 2], dtype=torch.long)), {}, "3 embeddings but 2 labels"),
         (dict(labels=torch.tensor([0.0, 0.0, 2.0])), {}, "labels have dtype"),
         (dict(num_samples=2), dict(cap_per_class=None), "3 embeddings uploaded from 2 images"),
-        (dict(text_lora={"t": torch.zeros(1)}), {}, "unexpected text_lora"),
+        (dict(extra={"t": torch.zeros(1)}), {}, "unexpected extra tensors"),
     ],
     ids=["no samples", "over the cap", "label out of range", "foreign label", "length mismatch", "float labels",
-         "more embeddings than images", "unexpected text lora"],
+         "more embeddings than images", "unexpected extra tensors"],
 )
 def test_bad_updates_are_rejected_with_their_reason(change, spec_kw, reason):
     ref = _reference()

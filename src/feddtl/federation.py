@@ -166,7 +166,7 @@ def to_base_index(labels: np.ndarray, classes: list[int]) -> torch.Tensor:
 
 def build_client_data(
     backbone: Backbone, config: ExperimentConfig, splits: DatasetSplits, classes: ClassSplit, client_id: int,
-    indices: np.ndarray, base_text: TextFeatures | None = None, cache: TrunkCache | None = None,
+    indices: np.ndarray, cache: TrunkCache | None = None,
 ) -> ClientData:
     """One client's data with its trunk features cached (each client only ever encodes its own images).
 
@@ -177,12 +177,7 @@ def build_client_data(
         if cache is None
         else cache.store(f"client{client_id}-train", splits.train, indices)
     )
-    return ClientData(
-        client_id=client_id,
-        features=features,
-        labels=to_base_index(labels, classes.base),
-        base_text=base_text,
-    )
+    return ClientData(client_id=client_id, features=features, labels=to_base_index(labels, classes.base))
 
 
 def build_eval_set(
@@ -246,8 +241,7 @@ def build_client(
     if splits is None:
         splits = load_dataset(config.dataset, config.data, seed=config.seed)
     classes, indices = client_partition(config, splits, client_id)
-    base_text = prompt_features(backbone, classes.base_names, config.backbone_options.template)
-    return build_client_data(backbone, config, splits, classes, client_id, indices, base_text, cache)
+    return build_client_data(backbone, config, splits, classes, client_id, indices, cache)
 
 
 def build_federation(
@@ -274,7 +268,7 @@ def build_federation(
         config.cache, backbone, config.data.image_size, config.data.invert, run_dir=run_dir, log_fn=log_fn
     )
     clients = [
-        build_client_data(backbone, config, splits, classes, k, idx, base_text, cache) for k, idx in enumerate(parts)
+        build_client_data(backbone, config, splits, classes, k, idx, cache) for k, idx in enumerate(parts)
     ]
     client_classes = [sorted(set(c.labels.tolist())) for c in clients]
     eval_set = build_eval_set(backbone, config, splits, classes, client_classes, cache)

@@ -21,7 +21,7 @@ from feddtl.algorithm.grpo import class_logits, grpo_loss, hybrid_reference_logp
 from feddtl.config.grpo_config import GRPOConfig
 from feddtl.algorithm.messages import ClientTask, ClientUpdate
 from feddtl.algorithm.prototypes import class_prototypes
-from feddtl.backbones.base import Backbone, TextFeatures
+from feddtl.backbones.base import Backbone
 
 
 @dataclass
@@ -32,9 +32,6 @@ class ClientData:
     features: TrunkFeatures
     labels: torch.Tensor
     """(N,) int64 base-class indices."""
-    base_text: TextFeatures | None = None
-    """Text-trunk features of the base-class prompts (class names are public), for methods whose
-    clients run the text tower themselves (FedLoRA-style baselines). FedDTL clients never use it."""
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -58,57 +55,82 @@ def _mean_metrics(rows: list[dict[str, float]]) -> dict[str, float]:
     return {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
 
 
-ClassEmbeddings = torch.Tensor | Callable[[], torch.Tensor]
-"""Fixed class text embeddings T (C, D), or a function that recomputes T with grad at every step
-(for methods whose clients also train the text side: FedLoRA, PromptFL)."""
+BatchLoss = Callable[[torch.Tensor], tuple[torch.Tensor, dict[str, float]]]
+"""One training step's objective on the minibatch of these local indices: (loss, metrics of the step)."""
 
 
-def _class_embeddings_fn(class_embeddings: ClassEmbeddings, device: torch.device) -> Callable[[], torch.Tensor]:
-    if callable(class_embeddings):
-        return class_embeddings
-    T = class_embeddings.to(device)
-    return lambda: T
+def train_epochs(
+    params: list[torch.nn.Parameter],
+    epochs: int,
+    n: int,
+    config: ClientConfig,
+    generator: torch.Generator,
+    batch_loss: BatchLoss,
+) -> dict[str, float]:
+    """Local training: a fresh Adam over ``params``, ``epochs`` passes of seeded minibatches over the
+    ``n`` local images; returns the steps' metrics, averaged."""
+    optimizer = torch.optim.Adam(params, lr=config.lr)
+    rows = []
+    for _ in range(epochs):
+        for idx in minibatches(n, config.batch_size, generator):
+            loss, row = batch_loss(idx)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            rows.append(row)
+    return _mean_metrics(rows)
+
+
+def sft_loss(
+    backbone: Backbone, data: ClientData, idx: torch.Tensor, T: torch.Tensor
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Stage 1 on one minibatch: cross-entropy of softmax(s <f_v(x), t_c>) over the base classes."""
+    z = F.normalize(image_features(backbone, data.features[idx]), dim=-1)
+    logits = class_logits(z, T, backbone.logit_scale)
+    labels = data.labels[idx].to(logits.device)
+    loss = F.cross_entropy(logits, labels)
+    return loss, {"loss": loss.item(), "train_acc": (logits.argmax(-1) == labels).float().mean().item()}
+
+
+def rl_loss(
+    backbone: Backbone,
+    data: ClientData,
+    idx: torch.Tensor,
+    T: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor,
+    grpo: GRPOConfig,
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Stage 2 on one minibatch: G noisy-latent actions per image (sampled with T detached), then the
+    GRPO objective of the noise-free policy against pi_old's and the reference's log-probabilities."""
+    device = T.device
+    u = image_features(backbone, data.features[idx])
+    actions = sample_actions(u.detach(), T.detach(), backbone.logit_scale, grpo, generator)
+    logits = class_logits(F.normalize(u, dim=-1), T, backbone.logit_scale)
+    loss, diag = grpo_loss(
+        logits, old_logprobs[idx].to(device), ref_logprobs[idx].to(device), actions, data.labels[idx].to(device), grpo
+    )
+    return loss, {"loss": loss.item(), **vars(diag)}
 
 
 def sft_epochs(
     backbone: Backbone,
     data: ClientData,
-    class_embeddings: ClassEmbeddings,
+    class_embeddings: torch.Tensor,
     params: list[torch.nn.Parameter],
     epochs: int,
     config: ClientConfig,
     generator: torch.Generator,
-    extra_loss: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> dict[str, float]:
-    """Stage 1: cross-entropy of softmax(s <f_v(x), t_c>) over the base classes.
-
-    ``extra_loss(T)``, if given, is a scalar added to every step's loss, computed from that step's class
-    embeddings T (FedPGP's contrastive term); its mean is reported as ``loss_extra``.
-    """
-    optimizer = torch.optim.Adam(params, lr=config.lr)
-    text_fn = _class_embeddings_fn(class_embeddings, next(backbone.parameters()).device)
-    rows = []
-    for _ in range(epochs):
-        for idx in minibatches(len(data), config.batch_size, generator):
-            T = text_fn()
-            z = F.normalize(image_features(backbone, data.features[idx]), dim=-1)
-            logits = class_logits(z, T, backbone.logit_scale)
-            labels = data.labels[idx].to(logits.device)
-            loss = F.cross_entropy(logits, labels)
-            extra = extra_loss(T) if extra_loss is not None else None
-            if extra is not None:
-                loss = loss + extra
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            rows.append({"loss": loss.item(), "train_acc": (logits.argmax(-1) == labels).float().mean().item()})
-            if extra is not None:
-                rows[-1]["loss_extra"] = extra.item()
-    return _mean_metrics(rows)
+    """Stage 1: supervised warm-start with the round's fixed class text embeddings T."""
+    T = class_embeddings.to(next(backbone.parameters()).device)
+    return train_epochs(params, epochs, len(data), config, generator, lambda idx: sft_loss(backbone, data, idx, T))
 
 
 @torch.no_grad()
-def _all_logits(backbone: Backbone, data: ClientData, T: torch.Tensor, batch_size: int) -> torch.Tensor:
+def all_logits(backbone: Backbone, data: ClientData, T: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """Class logits (N, C) of every local image under the loaded model, on the CPU."""
     z = image_embeddings(backbone, data.features, batch_size)
     return class_logits(z, T.cpu(), backbone.logit_scale)
 
@@ -116,67 +138,27 @@ def _all_logits(backbone: Backbone, data: ClientData, T: torch.Tensor, batch_siz
 def rl_reference_logprobs(
     backbone: Backbone,
     data: ClientData,
-    task: ClientTask,
+    class_embeddings: Callable[[], torch.Tensor],
     batch_size: int,
-    grpo: GRPOConfig,
+    ref_mix: float,
+    load_sft: Callable[[], None] | None,
+    load_global: Callable[[], None],
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(pi_old, hybrid reference) log-probabilities (N, C) of every local image, with T fixed.
+    """(pi_old, hybrid reference) log-probabilities (N, C) of every local image.
 
-    The received global LoRA must be loaded: it is both pi_old and the "latest global" half of the
-    reference; the other half is the end-of-SFT image LoRA (``task.sft_reference_lora``).
+    The received global model must be loaded: it is both pi_old and the "latest global" half of the
+    reference. ``load_sft`` loads the end-of-SFT model (None: there is none yet), whose logits are the
+    other half; ``load_global`` loads the global model back. ``class_embeddings()`` gives T under the
+    loaded model (FedDTL: the round's fixed T; methods whose clients run the text tower: recomputed).
     """
-    T = task.class_embeddings
-    global_logits = _all_logits(backbone, data, T, batch_size)
+    global_logits = all_logits(backbone, data, class_embeddings(), batch_size)
     old_logprobs = torch.log_softmax(global_logits, dim=-1)
-    if task.sft_reference_lora is not None and grpo.ref_mix > 0:
-        backbone.load_image_lora(task.sft_reference_lora)
-        sft_logits = _all_logits(backbone, data, T, batch_size)
-        backbone.load_image_lora(task.image_lora)
-    else:
-        sft_logits = global_logits
-    return old_logprobs, hybrid_reference_logprobs(sft_logits, global_logits, grpo.ref_mix)
-
-
-def rl_loop(
-    backbone: Backbone,
-    data: ClientData,
-    class_embeddings: ClassEmbeddings,
-    old_logprobs: torch.Tensor,
-    ref_logprobs: torch.Tensor,
-    params: list[torch.nn.Parameter],
-    epochs: int,
-    config: ClientConfig,
-    grpo: GRPOConfig,
-    generator: torch.Generator,
-) -> dict[str, float]:
-    """The GRPO epochs themselves, given pi_old's and the reference's log-probabilities per image.
-
-    Actions are sampled with T detached; the policy's logits use T as given (with grad when
-    ``class_embeddings`` is a function, so the text side gets the RL gradient too).
-    """
-    device = next(backbone.parameters()).device
-    text_fn = _class_embeddings_fn(class_embeddings, device)
-    optimizer = torch.optim.Adam(params, lr=config.lr)
-    rows = []
-    for _ in range(epochs):
-        for idx in minibatches(len(data), config.batch_size, generator):
-            T = text_fn()
-            u = image_features(backbone, data.features[idx])
-            actions = sample_actions(u.detach(), T.detach(), backbone.logit_scale, grpo, generator)
-            logits = class_logits(F.normalize(u, dim=-1), T, backbone.logit_scale)
-            loss, diag = grpo_loss(
-                logits,
-                old_logprobs[idx].to(device),
-                ref_logprobs[idx].to(device),
-                actions,
-                data.labels[idx].to(device),
-                grpo,
-            )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            rows.append({"loss": loss.item(), **vars(diag)})
-    return _mean_metrics(rows)
+    sft_logits = global_logits
+    if load_sft is not None and ref_mix > 0:
+        load_sft()
+        sft_logits = all_logits(backbone, data, class_embeddings(), batch_size)
+        load_global()
+    return old_logprobs, hybrid_reference_logprobs(sft_logits, global_logits, ref_mix)
 
 
 def rl_epochs(
@@ -195,9 +177,16 @@ def rl_epochs(
     and its clip act across the local epochs. The reference mixes the end-of-SFT model's and the
     latest global model's output distributions.
     """
-    old_logprobs, ref_logprobs = rl_reference_logprobs(backbone, data, task, config.batch_size, grpo)
-    return rl_loop(
-        backbone, data, task.class_embeddings, old_logprobs, ref_logprobs, params, epochs, config, grpo, generator
+    sft = task.sft_reference_lora
+    old_lp, ref_lp = rl_reference_logprobs(
+        backbone, data, lambda: task.class_embeddings, config.batch_size, grpo.ref_mix,
+        load_sft=None if sft is None else lambda: backbone.load_image_lora(sft),
+        load_global=lambda: backbone.load_image_lora(task.image_lora),
+    )
+    T = task.class_embeddings.to(next(backbone.parameters()).device)
+    return train_epochs(
+        params, epochs, len(data), config, generator,
+        lambda idx: rl_loss(backbone, data, idx, T, old_lp, ref_lp, grpo, generator),
     )
 
 

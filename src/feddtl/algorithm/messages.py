@@ -25,10 +25,10 @@ class ClientTask:
     sft_reference_lora: dict[str, torch.Tensor] | None = None
     """Global image LoRA at the end of the SFT stage (round M); the RL stage's KL reference mixes it
     with the latest global model. None in SFT rounds."""
-    text_lora: dict[str, torch.Tensor] | None = None
-    """Global text LoRA, for methods whose clients train the text tower too (FedLoRA-style baselines)."""
     extra: dict[str, torch.Tensor] = field(default_factory=dict)
-    """Method-specific tensors (e.g. PromptFL's context vectors and prompt token ids). Empty for FedDTL."""
+    """Empty for FedDTL. The one opaque slot other methods carry their own tensors in (FedLoRA's text LoRA,
+    PromptFL's context and prompt tokens, ...): the server loop, the wire format and the accounting pass
+    it through untouched, so a method stays one file."""
 
 
 @dataclass
@@ -44,7 +44,6 @@ class ClientUpdate:
     labels: torch.Tensor
     """(n,) base-class indices of those embeddings."""
     metrics: dict[str, float] = field(default_factory=dict)
-    text_lora: dict[str, torch.Tensor] | None = None
-    """Local text LoRA, only for methods whose clients train the text tower."""
     extra: dict[str, torch.Tensor] = field(default_factory=dict)
-    """Method-specific tensors (e.g. PromptFL's trained context vectors). Empty for FedDTL."""
+    """Empty for FedDTL; other methods' own tensors (see ``ClientTask.extra``), checked against
+    ``Method.update_extra_reference`` before aggregation."""

@@ -41,12 +41,11 @@ class UpdateSpec:
     max_samples: int | None = None
     """The client's known number of training images, if the server knows it: a larger num_samples claim
     (which would inflate its aggregation weight) is rejected."""
-    text_reference: Mapping[str, torch.Tensor] | None = None
-    """The global text LoRA sent, for methods whose clients upload one (None: no text LoRA expected)."""
     extra_reference: Mapping[str, torch.Tensor] | None = None
     """The method-specific tensors the update must carry in ``extra`` (``Method.update_extra_reference``:
-    e.g. PromptFL's context, FedPGP's sigma and personal U, V), with the values the client was sent; they
-    are checked like the LoRA states and count in the update norm. None: ``extra`` is not checked."""
+    e.g. FedLoRA's text LoRA, PromptFL's context, FedPGP's sigma and personal U, V), with the values the
+    client was sent; they are checked like the LoRA states and count in the update norm. None: the update
+    must carry no ``extra`` tensors (FedDTL)."""
 
 
 def _check_state(name: str, state: object, reference: Mapping[str, torch.Tensor]) -> str | None:
@@ -138,18 +137,14 @@ def _validate(update: ClientUpdate, spec: UpdateSpec) -> str | None:
     if spec.max_samples is not None and n > spec.max_samples:
         return f"num_samples={n} exceeds the client's {spec.max_samples} training images"
     reason = _check_state("image_lora", update.image_lora, spec.reference)
-    if reason is None and spec.text_reference is not None:
-        reason = _check_state("text_lora", update.text_lora, spec.text_reference)
-    elif reason is None and update.text_lora is not None:
-        reason = "unexpected text_lora in the update"
     if reason is None and spec.extra_reference is not None:
         reason = _check_state("extra", update.extra, spec.extra_reference)
+    elif reason is None and update.extra:
+        reason = f"unexpected extra tensors in the update: {sorted(update.extra)[:3]}"
     if reason is not None:
         return reason
     if spec.max_norm is not None:
         norm = update_norm(update.image_lora, spec.reference)
-        if spec.text_reference is not None:
-            norm = (norm**2 + update_norm(update.text_lora, spec.text_reference) ** 2) ** 0.5  # type: ignore[arg-type]
         if spec.extra_reference is not None:
             norm = (norm**2 + update_norm(update.extra, spec.extra_reference) ** 2) ** 0.5
         if not norm <= spec.max_norm:

@@ -20,9 +20,10 @@ from feddtl.backbones.base import Backbone
 from feddtl.cache import TrunkCache
 from feddtl.config import ConfigError, ExperimentConfig, loads_config
 from feddtl.data import DatasetSplits, load_dataset
-from feddtl.federation import build_client, class_split, client_partition, make_backbone, to_base_index
+from feddtl.federation import build_client, class_split, client_partition, make_backbone, prompt_features, to_base_index
 from feddtl.flower import records
 from feddtl.methods import get_method
+from feddtl.methods.text_side import with_base_text
 from feddtl.server.clients import client_seed
 
 PARTITION_ID = "partition-id"
@@ -92,7 +93,11 @@ def client_data(state: NodeState, partition_id: int) -> tuple[Backbone, ClientDa
         )
         atexit.register(state.cache.close)
     if partition_id not in state.clients:
-        state.clients[partition_id] = build_client(config, partition_id, state.backbone, state.splits, state.cache)
+        data = build_client(config, partition_id, state.backbone, state.splits, state.cache)
+        if get_method(config.method).client_text:  # the base prompts' text features are public: built here
+            names = class_split(config, state.splits).base_names
+            data = with_base_text(data, prompt_features(state.backbone, names, config.backbone_options.template))
+        state.clients[partition_id] = data
     return state.backbone, state.clients[partition_id]
 
 
@@ -116,7 +121,6 @@ def train(msg: Message, context: Context) -> Message:
     task = records.task_from_records(
         msg.content,
         image_lora=backbone.image_lora_state(),
-        text_lora=backbone.text_lora_state(),
         num_classes=state.num_classes,
         embed_dim=backbone.info.embed_dim,
     )

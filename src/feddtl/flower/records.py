@@ -22,9 +22,9 @@ TASK = "feddtl.task"
 TASK_IMAGE_LORA = "feddtl.task.image_lora"
 TASK_CLASS_EMBEDDINGS = "feddtl.task.class_embeddings"
 TASK_SFT_REFERENCE = "feddtl.task.sft_reference_lora"
-TASK_TEXT_LORA = "feddtl.task.text_lora"
 TASK_EXTRA = "feddtl.task.extra"
-"""ArrayRecord of ClientTask.extra (method-specific tensors, e.g. prompt context); absent when empty."""
+"""ArrayRecord of ClientTask.extra (another method's own tensors, e.g. FedLoRA's text LoRA, a prompt
+context); absent when empty."""
 HELLO = "feddtl.hello"
 """ConfigRecord of the handshake: experiment (query) / partition-id, num-partitions, classes (reply)."""
 UPDATE_INFO = "feddtl.update.info"
@@ -33,7 +33,6 @@ UPDATE_METRICS = "feddtl.update.metrics"
 UPDATE_IMAGE_LORA = "feddtl.update.image_lora"
 UPDATE_EMBEDDINGS = "feddtl.update.embeddings"
 """ArrayRecord: embeddings (n, D) float, labels (n,) int64."""
-UPDATE_TEXT_LORA = "feddtl.update.text_lora"
 UPDATE_EXTRA = "feddtl.update.extra"
 """ArrayRecord of ClientUpdate.extra; absent when empty. Its names and shapes are the method's business:
 the server's update validation checks them (``Method.update_extra_reference``)."""
@@ -137,8 +136,6 @@ def task_to_records(task: ClientTask, experiment_toml: str) -> RecordDict:
     content[TASK_CLASS_EMBEDDINGS] = tensors_to_record({"embeddings": task.class_embeddings})
     if task.sft_reference_lora is not None:
         content[TASK_SFT_REFERENCE] = tensors_to_record(task.sft_reference_lora)
-    if task.text_lora is not None:
-        content[TASK_TEXT_LORA] = tensors_to_record(task.text_lora)
     if task.extra:
         content[TASK_EXTRA] = tensors_to_record(task.extra)
     return content
@@ -155,7 +152,6 @@ def experiment_of(content: RecordDict, record_name: str = TASK) -> str:
 def task_from_records(
     content: RecordDict,
     image_lora: TensorSpec,
-    text_lora: TensorSpec,
     num_classes: int,
     embed_dim: int,
 ) -> ClientTask:
@@ -180,7 +176,6 @@ def task_from_records(
         )
     _check_finite(T, TASK_CLASS_EMBEDDINGS)
     sft = content.get(TASK_SFT_REFERENCE)
-    text = content.get(TASK_TEXT_LORA)
     image = _array_record(content, TASK_IMAGE_LORA)
     return ClientTask(
         round=round_num,
@@ -189,7 +184,6 @@ def task_from_records(
         image_lora={} if len(image) == 0 else checked_state(image, image_lora, TASK_IMAGE_LORA),
         class_embeddings=T,
         sft_reference_lora=None if sft is None else checked_state(sft, image_lora, TASK_SFT_REFERENCE),
-        text_lora=None if text is None else checked_state(text, text_lora, TASK_TEXT_LORA),
         extra=_extra(content, TASK_EXTRA),
     )
 
@@ -203,8 +197,6 @@ def update_to_records(update: ClientUpdate) -> RecordDict:
     content[UPDATE_METRICS] = MetricRecord({k: float(v) for k, v in update.metrics.items()})
     content[UPDATE_IMAGE_LORA] = tensors_to_record(update.image_lora)
     content[UPDATE_EMBEDDINGS] = tensors_to_record({"embeddings": update.embeddings, "labels": update.labels})
-    if update.text_lora is not None:
-        content[UPDATE_TEXT_LORA] = tensors_to_record(update.text_lora)
     if update.extra:
         content[UPDATE_EXTRA] = tensors_to_record(update.extra)
     return content
@@ -213,7 +205,6 @@ def update_to_records(update: ClientUpdate) -> RecordDict:
 def update_from_records(
     content: RecordDict,
     image_lora: TensorSpec,
-    text_lora: TensorSpec,
     num_classes: int,
     embed_dim: int,
 ) -> ClientUpdate:
@@ -244,7 +235,6 @@ def update_from_records(
     if len(y) and (int(y.min()) < 0 or int(y.max()) >= num_classes):
         raise RecordError(f"{UPDATE_EMBEDDINGS}['labels'] must lie in [0, {num_classes}), got [{int(y.min())}, {int(y.max())}]")
     _check_finite(z, f"{UPDATE_EMBEDDINGS}['embeddings']")
-    text = content.get(UPDATE_TEXT_LORA)
     return ClientUpdate(
         client_id=client_id,
         num_samples=num_samples,
@@ -252,7 +242,6 @@ def update_from_records(
         embeddings=z,
         labels=y,
         metrics=metrics,
-        text_lora=None if text is None else checked_state(text, text_lora, UPDATE_TEXT_LORA),
         extra=_extra(content, UPDATE_EXTRA),
     )
 

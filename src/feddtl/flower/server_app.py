@@ -178,7 +178,6 @@ class SuperNodeClients:
         return records.update_from_records(
             reply.content,
             image_lora=task.image_lora,
-            text_lora=task.text_lora if task.text_lora is not None else {},
             num_classes=len(self.fed.classes.base),
             embed_dim=backbone.info.embed_dim,
         )

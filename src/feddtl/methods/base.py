@@ -41,6 +41,9 @@ class Method(abc.ABC):
     name: str = ""
     trains: bool = True
     """False for methods evaluated as shipped (zero-shot): no rounds run."""
+    client_text: bool = False
+    """True: clients run the text tower on the base prompts themselves, so every engine hands their
+    ``client_step`` a ``text_side.TextClientData`` with the prompts' text-trunk features (FedLoRA, FedPGP)."""
 
     def __init__(self, ctx: ServerContext) -> None:
         self.ctx = ctx

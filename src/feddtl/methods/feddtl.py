@@ -18,8 +18,6 @@ from feddtl.methods.state import load_optimizer_state, optimizer_state, prefixed
 
 class FedDTL(Method):
     name = "feddtl"
-    decoupled = True
-    """Train the text LoRA on the server from uploaded embeddings (False: the text side stays as shipped)."""
 
     def __init__(self, ctx: ServerContext) -> None:
         super().__init__(ctx)
@@ -53,19 +51,11 @@ class FedDTL(Method):
         self.image_lora = aggregate_image_lora(updates)
         if round_num == self.config.switch_round:
             self.sft_reference = self.image_lora
-        metrics: dict[str, float] = {}
-        if self.decoupled:
-            embeddings, labels = pooled_embeddings(updates)
-            metrics = text_alignment_step(
-                self.backbone,
-                self.ctx.base_text,
-                embeddings,
-                labels,
-                self.text_optimizer,
-                self.config.server,
-                self.generator,
-            )
-            self.base_T = class_embeddings(self.backbone, self.ctx.base_text)
+        embeddings, labels = pooled_embeddings(updates)
+        metrics = text_alignment_step(
+            self.backbone, self.ctx.base_text, embeddings, labels, self.text_optimizer, self.config.server, self.generator
+        )
+        self.base_T = class_embeddings(self.backbone, self.ctx.base_text)
         return metrics
 
     def prepare_eval(self) -> tuple[torch.Tensor, torch.Tensor]:

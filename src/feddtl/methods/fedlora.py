@@ -1,8 +1,9 @@
 """FedLoRA: LoRA on both towers trained locally with cross-entropy, FedAvg of all LoRA (no decoupling).
 
-The paper's FedLoRA baseline. Each client loads the global image and text LoRA, computes the class
-text embeddings T with its own text tower (with grad, from the base prompts' cached text-trunk
-features, ``ClientData.base_text``), trains both LoRAs on its images, and uploads both. The server
+The paper's FedLoRA baseline. Each client loads the global image and text LoRA (the text LoRA travels
+in ``extra`` under ``text.``), computes the class text embeddings T with its own text tower (with grad,
+from the base prompts' cached text-trunk features, ``TextClientData.base_text``), trains both LoRAs on
+its images, and uploads both. The server
 averages each by sample count. No embeddings are uploaded and the server trains nothing: every
 client pulls the shared text side toward its own classes, which is what decoupling avoids.
 
@@ -17,50 +18,25 @@ from collections.abc import Sequence
 import torch
 
 from feddtl.algorithm.aggregation import weighted_average
-from feddtl.algorithm.client import ClientData, _all_logits, rl_loop, sft_epochs
+from feddtl.algorithm.client import ClientData, rl_reference_logprobs
 from feddtl.algorithm.encoding import text_embeddings
-from feddtl.algorithm.grpo import hybrid_reference_logprobs
 from feddtl.algorithm.messages import ClientTask, ClientUpdate
 from feddtl.algorithm.server import class_embeddings
-from feddtl.backbones.base import Backbone, TextFeatures
+from feddtl.backbones.base import Backbone
 from feddtl.config import ExperimentConfig
 from feddtl.methods.base import Method, ServerContext
+from feddtl.methods.state import prefixed, unprefixed
+from feddtl.methods.text_side import client_base_text, text_rl_epochs, text_sft_epochs
 
-TEXT_REF_PREFIX = "sft_reference_text."
-"""Keys of ``ClientTask.extra`` holding the end-of-SFT text LoRA (two-stage RL reference)."""
-
-
-def _client_T(backbone: Backbone, data: ClientData) -> TextFeatures:
-    if data.base_text is None:
-        raise ValueError(
-            f"client {data.client_id}: this method trains the text tower on the client and needs "
-            "ClientData.base_text (the base prompts' text-trunk features)"
-        )
-    return data.base_text
-
-
-def _reference_logprobs(
-    backbone: Backbone, data: ClientData, task: ClientTask, base_text: TextFeatures, config: ExperimentConfig
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """pi_old (the received global image + text LoRA) and the hybrid reference, which mixes it with the
-    end-of-SFT model (image + text LoRA at round M), each with its own class embeddings."""
-    batch = config.client.batch_size
-    T_global = class_embeddings(backbone, base_text)
-    global_logits = _all_logits(backbone, data, T_global, batch)
-    old_logprobs = torch.log_softmax(global_logits, dim=-1)
-    sft_logits = global_logits
-    if task.sft_reference_lora is not None and config.grpo.ref_mix > 0:
-        text_ref = {k[len(TEXT_REF_PREFIX) :]: v for k, v in task.extra.items() if k.startswith(TEXT_REF_PREFIX)}
-        backbone.load_image_lora(task.sft_reference_lora)
-        backbone.load_text_lora(text_ref)
-        sft_logits = _all_logits(backbone, data, class_embeddings(backbone, base_text), batch)
-        backbone.load_image_lora(task.image_lora)
-        backbone.load_text_lora(task.text_lora)  # type: ignore[arg-type]
-    return old_logprobs, hybrid_reference_logprobs(sft_logits, global_logits, config.grpo.ref_mix)
+TEXT = "text"
+"""Prefix of the global (task) and local (update) text LoRA in ``extra``."""
+TEXT_REF = "sft_reference_text"
+"""Prefix of the end-of-SFT text LoRA in a task's ``extra`` (the two-stage RL reference)."""
 
 
 class FedLoRA(Method):
     name = "fedlora"
+    client_text = True
     two_stage = False
     """SFT for rounds <= M, then the GRPO objective on both towers (the feddtl-twostage ablation)."""
 
@@ -77,11 +53,11 @@ class FedLoRA(Method):
 
     def make_task(self, round_num: int) -> ClientTask:
         stage = self.stage(round_num)
-        extra: dict[str, torch.Tensor] = {}
+        extra = prefixed(self.text_lora, TEXT)
         sft_image = None
         if stage == "rl" and self.sft_reference is not None:
             sft_image = self.sft_reference[0]
-            extra = {TEXT_REF_PREFIX + k: v for k, v in self.sft_reference[1].items()}
+            extra.update(prefixed(self.sft_reference[1], TEXT_REF))
         return ClientTask(
             round=round_num,
             stage=stage,  # type: ignore[arg-type]
@@ -89,7 +65,6 @@ class FedLoRA(Method):
             # Clients compute T themselves from the text LoRA; nothing precomputed travels.
             class_embeddings=torch.zeros((0, self.backbone.info.embed_dim)),
             sft_reference_lora=sft_image,
-            text_lora=self.text_lora,
             extra=extra,
         )
 
@@ -98,24 +73,37 @@ class FedLoRA(Method):
         backbone: Backbone, data: ClientData, task: ClientTask, config: ExperimentConfig, seed: int
     ) -> ClientUpdate:
         data.require_images()
-        if task.text_lora is None:
-            raise ValueError("FedLoRA-style tasks must carry the global text LoRA")
-        base_text = _client_T(backbone, data)
+        text_lora = unprefixed(task.extra, TEXT)
+        if not text_lora:
+            raise ValueError("FedLoRA-style tasks must carry the global text LoRA (extra['text.*'])")
+        base_text = client_base_text(data, "fedlora")
         generator = torch.Generator().manual_seed(seed)
         backbone.load_image_lora(task.image_lora)
-        backbone.load_text_lora(task.text_lora)
+        backbone.load_text_lora(text_lora)
         params = backbone.image_lora_parameters() + backbone.text_lora_parameters()
 
         def text_fn() -> torch.Tensor:
             return text_embeddings(backbone, base_text)
 
         if task.stage == "sft":
-            metrics = sft_epochs(backbone, data, text_fn, params, config.client.sft_epochs, config.client, generator)
+            metrics = text_sft_epochs(backbone, data, text_fn, params, config.client.sft_epochs, config.client, generator)
         else:
             # The text LoRA gets the RL gradient too: the ablation replaces the local objective of
-            # FedLoRA, which trains both towers, and keeps everything else.
-            old_lp, ref_lp = _reference_logprobs(backbone, data, task, base_text, config)
-            metrics = rl_loop(
+            # FedLoRA, which trains both towers, and keeps everything else. The reference's end-of-SFT
+            # half is that round's image and text LoRA, each model with its own T.
+            sft_image, sft_text = task.sft_reference_lora, unprefixed(task.extra, TEXT_REF)
+
+            def load(image: dict[str, torch.Tensor], text: dict[str, torch.Tensor]) -> None:
+                backbone.load_image_lora(image)
+                backbone.load_text_lora(text)
+
+            old_lp, ref_lp = rl_reference_logprobs(
+                backbone, data, lambda: class_embeddings(backbone, base_text), config.client.batch_size,
+                config.grpo.ref_mix,
+                load_sft=None if sft_image is None else lambda: load(sft_image, sft_text),
+                load_global=lambda: load(task.image_lora, text_lora),
+            )
+            metrics = text_rl_epochs(
                 backbone, data, text_fn, old_lp, ref_lp, params, config.client.rl_epochs, config.client,
                 config.grpo, generator,
             )
@@ -126,15 +114,17 @@ class FedLoRA(Method):
             embeddings=torch.zeros((0, backbone.info.embed_dim)),
             labels=torch.zeros(0, dtype=torch.long),
             metrics=metrics,
-            text_lora=backbone.text_lora_state(),
+            extra=prefixed(backbone.text_lora_state(), TEXT),
         )
+
+    def update_extra_reference(self, task: ClientTask) -> dict[str, torch.Tensor]:
+        # the local text LoRA, checked against the global one sent
+        return {k: v for k, v in task.extra.items() if k.startswith(TEXT + ".")}
 
     def server_update(self, updates: Sequence[ClientUpdate], round_num: int) -> dict[str, float]:
         weights = [u.num_samples for u in updates]
         self.image_lora = weighted_average([u.image_lora for u in updates], weights)
-        if any(u.text_lora is None for u in updates):
-            raise ValueError("a FedLoRA client update carries no text LoRA")
-        self.text_lora = weighted_average([u.text_lora for u in updates], weights)  # type: ignore[misc]
+        self.text_lora = weighted_average([unprefixed(u.extra, TEXT, list(self.text_lora)) for u in updates], weights)
         if self.two_stage and round_num == self.config.switch_round:
             self.sft_reference = (self.image_lora, self.text_lora)
         return {}

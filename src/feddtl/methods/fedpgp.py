@@ -29,12 +29,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from feddtl.algorithm.aggregation import weighted_average
-from feddtl.algorithm.client import ClientData, sft_epochs
+from feddtl.algorithm.client import ClientData
 from feddtl.algorithm.encoding import text_embeddings
 from feddtl.algorithm.messages import ClientTask, ClientUpdate
 from feddtl.backbones.base import Backbone
 from feddtl.config import ExperimentConfig
 from feddtl.methods.base import Method, ServerContext
+from feddtl.methods.text_side import client_base_text, text_sft_epochs
 from feddtl.methods.promptfl import (
     class_prompts,
     prompt_client_config,
@@ -81,6 +82,7 @@ def contrastive_loss(
 
 class FedPGP(Method):
     name = "fedpgp"
+    client_text = True
 
     def __init__(self, ctx: ServerContext) -> None:
         super().__init__(ctx)
@@ -93,7 +95,7 @@ class FedPGP(Method):
         """Per client id: its (U, V), kept here between rounds and sent only to that client."""
 
     def make_task(self, round_num: int) -> ClientTask:
-        # clients compute the hand-crafted prompts' embeddings themselves (from ClientData.base_text)
+        # clients compute the hand-crafted prompts' embeddings themselves (from TextClientData.base_text)
         return prompt_task(round_num, self.backbone, self.base_tokens, sigma=self.sigma)
 
     def client_task(self, task: ClientTask, client_id: int) -> ClientTask:
@@ -111,17 +113,13 @@ class FedPGP(Method):
         missing = [k for k in PERSONAL_KEYS if k not in task.extra]
         if missing:
             raise ValueError(f"a FedPGP task must carry sigma and the client's own U, V in extra; missing {missing}")
-        if data.base_text is None:
-            raise ValueError(
-                f"client {data.client_id}: fedpgp needs ClientData.base_text (the hand-crafted base prompts' "
-                "text-trunk features) for its contrastive loss"
-            )
+        base_text = client_base_text(data, "fedpgp")  # the hand-crafted prompts, for the contrastive loss
         generator = torch.Generator().manual_seed(seed)
         device = next(backbone.parameters()).device
         tokens = task_tokens(task)
         sigma, u, v = (nn.Parameter(task.extra[k].clone().to(device)) for k in PERSONAL_KEYS)
         with torch.no_grad():
-            handcrafted = text_embeddings(backbone, data.base_text)
+            handcrafted = text_embeddings(backbone, base_text)
         pgp = config.fedpgp
 
         def contrastive(personal_T: torch.Tensor) -> torch.Tensor:
@@ -129,7 +127,7 @@ class FedPGP(Method):
             return pgp.contrastive_weight * contrastive_loss(anchor, handcrafted, personal_T, pgp.temperature)
 
         client = prompt_client_config(config)
-        metrics = sft_epochs(
+        metrics = text_sft_epochs(
             backbone, data, lambda: prompt_text_embeddings(backbone, personal_context(sigma, u, v), tokens),
             [sigma, u, v], client.sft_epochs, client, generator,
             extra_loss=contrastive if pgp.contrastive_weight > 0 else None,

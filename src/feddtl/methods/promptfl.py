@@ -17,12 +17,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from feddtl.algorithm.aggregation import weighted_average
-from feddtl.algorithm.client import ClientData, sft_epochs
+from feddtl.algorithm.client import ClientData
 from feddtl.config.client_config import ClientConfig
 from feddtl.algorithm.messages import ClientTask, ClientUpdate
 from feddtl.backbones.base import Backbone
 from feddtl.config import ExperimentConfig
 from feddtl.methods.base import Method, ServerContext
+from feddtl.methods.text_side import text_sft_epochs
 
 
 def prompt_tokens(backbone: Backbone, ctx_init: str, classnames: list[str]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
@@ -137,7 +138,7 @@ class PromptFL(Method):
         tokens = task_tokens(task)
         context = nn.Parameter(task.extra["context"].clone().to(next(backbone.parameters()).device))
         client = prompt_client_config(config)
-        metrics = sft_epochs(
+        metrics = text_sft_epochs(
             backbone, data, lambda: prompt_text_embeddings(backbone, context, tokens), [context],
             client.sft_epochs, client, generator,
         )

@@ -13,6 +13,7 @@ import numpy as np
 
 from feddtl.algorithm.messages import ClientTask, ClientUpdate
 from feddtl.config import ExperimentConfig
+from feddtl.methods.text_side import with_base_text
 
 if TYPE_CHECKING:  # annotations only: the server loop is told its federation and method
     from feddtl.federation import Federation
@@ -58,6 +59,8 @@ class InProcessClients:
     def __init__(self, fed: Federation, method: Method) -> None:
         self.fed = fed
         self.client_step = method.client_step
+        # the base prompts' text features are public: clients that run the text tower get them too
+        self.data = [with_base_text(d, fed.base_text) for d in fed.clients] if method.client_text else fed.clients
 
     def dispatch(self, tasks: dict[int, ClientTask]) -> None:
         """Nothing to send: ``step`` runs each client when asked."""
@@ -65,7 +68,7 @@ class InProcessClients:
     def step(self, task: ClientTask, client_id: int) -> ClientUpdate:
         config = self.fed.config
         seed = client_seed(config.seed, task.round, client_id)
-        return self.client_step(self.fed.backbone, self.fed.clients[client_id], task, config, seed)
+        return self.client_step(self.fed.backbone, self.data[client_id], task, config, seed)
 
     def cancel(self, client_id: int) -> None:
         """A client step in this process cannot be stopped: the round waits for it (see call_client)."""

@@ -183,6 +183,5 @@ def update_spec(
         max_samples=len(fed.clients[client_id]) if fed.clients else (
             fed.client_sizes[client_id] if fed.client_sizes is not None else None  # remote clients (Flower)
         ),
-        text_reference=task.text_lora,
         extra_reference=extra_reference,
     )
