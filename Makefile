@@ -1,11 +1,12 @@
 # Two commands a new user needs: `make demo` and `make test`. Both set up .venv on first use.
+# `make test` is the full suite (what CI runs); `make test-fast` skips the tests marked slow (> ~30 s each).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 FMNIST_DIR ?= /usr/share/datasets/fashion-mnist
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install data clean bench
+.PHONY: demo test test-fast install data clean bench
 
 # Debian ships Fashion-MNIST as idx.gz files; install them once if they are missing.
 data: $(FMNIST_DIR)/train-images-idx3-ubyte.gz
@@ -21,6 +22,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	# torch first and pinned, so that nothing pulls a CUDA build.
 	$(BIN)/pip install -q torch==2.13.0
+	# The test extra brings pytest, and setuptools for tests/test_wheel.py (it builds the wheel without isolation).
 	$(BIN)/pip install -q -e '.[test]'
 	@touch $(STAMP)
 
@@ -33,6 +35,9 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest -q
+
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow"
 
 bench: install
 	$(BIN)/python benchmarks/cache_speed.py --demo

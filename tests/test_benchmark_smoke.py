@@ -6,6 +6,8 @@ import importlib.util
 import os
 from pathlib import Path
 
+import pytest
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never touch the network
 
 from feddtl.backbones.hf_clip import HFClipBackbone
@@ -37,6 +39,7 @@ def test_measure_times_both_paths_and_cleans_up(tmp_path):
     assert not (tmp_path / "work" / "cache").exists()
 
 
+@pytest.mark.slow  # two full runs on the lite backbone: 55 s on a busy 2-core machine
 def test_novel_split_reproduces_the_runs_own_accuracy_with_both_towers(tmp_path, capsys):
     # prepare: a finished fedlora run (it trains both towers' LoRA)
     from feddtl.cli import main as cli_main
