@@ -28,7 +28,7 @@ class ClientConfig:
     """What a client uploads for the server's text step: "embeddings" (one L2-normalised embedding per
     uploaded image, as the paper does: they reveal information about the client's images) or
     "prototypes" (only the per-class mean of its images' normalised embeddings, renormalised: one vector
-    per class it holds). See README, "Reliability", and BENCHMARKS.md for the accuracy cost."""
+    per class it holds). See docs/reliability.md and BENCHMARKS.md for the accuracy cost."""
 
     def validate(self) -> None:
         if self.lr <= 0:

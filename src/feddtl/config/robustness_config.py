@@ -26,7 +26,7 @@ class RobustnessConfig:
     max_update_norm: float | None = 1000.0
     """Bound on the L2 norm of a client's change to the global weights (all uploaded LoRA tensors minus
     the ones it was sent); larger updates are rejected. None: no bound. The default catches blow-ups and
-    crude scaling attacks only (honest updates are orders of magnitude smaller, see README)."""
+    crude scaling attacks only (honest updates are orders of magnitude smaller, see docs/reliability.md)."""
 
     def validate(self) -> None:
         if not 0 < self.min_fit_fraction <= 1:

@@ -1,7 +1,7 @@
 """A Deployment Engine federation on one machine (loopback), with TLS and SuperNode authentication.
 
 Starts the real executables (``flower-superlink``, ``flower-supernode``, ``flwr``) as separate OS
-processes, the way README's "Run across machines" does by hand; the deployment test and the engine
+processes, the way docs/flower.md's loopback trial does by hand; the deployment test and the engine
 benchmark use it. ``stop()`` ends every process it started and their children, also after errors.
 """
 
