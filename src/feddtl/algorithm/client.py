@@ -125,7 +125,9 @@ def sft_epochs(
 ) -> dict[str, float]:
     """Stage 1: supervised warm-start with the round's fixed class text embeddings T."""
     T = class_embeddings.to(next(backbone.parameters()).device)
-    return train_epochs(params, epochs, len(data), config, generator, lambda idx: sft_loss(backbone, data, idx, T))
+    # lora.dropout acts in these training steps only; seeded from this step's generator, not its stream.
+    with backbone.lora_dropout(generator.initial_seed()):
+        return train_epochs(params, epochs, len(data), config, generator, lambda idx: sft_loss(backbone, data, idx, T))
 
 
 @torch.no_grad()

@@ -9,6 +9,8 @@ explicit and makes the cache a pure optimisation.
 from __future__ import annotations
 
 import abc
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -16,6 +18,11 @@ from torch import nn
 
 from feddtl.backbones.lora import inject_lora, load_lora_state, lora_parameters, lora_state_dict
 from feddtl.config.lora_config import LoraConfig
+
+LORA_DROPOUT_SEED_SALT = 0x10D0
+"""XORed into the seed of ``Backbone.lora_dropout``: callers pass the seed of their own step generator,
+and the salt keeps the dropout masks from replaying that generator's stream (both are Mersenne Twisters)."""
+
 
 class BackboneError(RuntimeError):
     """A backbone cannot be built (missing weights or packages); the message says how to fix it."""
@@ -150,6 +157,45 @@ class Backbone(nn.Module, abc.ABC):
         """Bytes of all backbone weights (frozen and LoRA), for communication ratios."""
         return sum(p.numel() * p.element_size() for p in self.parameters())
 
+    @contextlib.contextmanager
+    def lora_dropout(self, seed: int) -> Iterator[None]:
+        """Inside the block, ``lora.dropout`` acts on the LoRA branch of both towers; nothing else changes.
+
+        Only the LoRA dropout modules enter training mode (the towers' own dropout, BatchNorm and
+        drop-connect stay in eval mode) and they are put back on exit. The masks are drawn from the
+        global RNG re-seeded with ``seed`` (salted) inside a fork of it, so a step is reproducible from
+        its seed whatever ran before it in the process, and the RNG state outside the block is untouched.
+        With ``lora.dropout = 0`` peft builds no dropout modules and the block does nothing at all.
+        """
+        dropouts = [
+            module
+            for layer in self.modules()
+            if isinstance(getattr(layer, "lora_dropout", None), nn.ModuleDict)
+            for module in layer.lora_dropout.values()
+            if isinstance(module, nn.Dropout) and module.p > 0
+        ]
+        if not dropouts:
+            yield
+            return
+        device = next(self.parameters()).device
+        # Dropout draws from the default generator of the tensor's device: fork (and seed) that one.
+        accelerator = None if device.type == "cpu" else torch.get_device_module(device.type)
+        forked = [] if accelerator is None else list(range(accelerator.device_count()))
+        with torch.random.fork_rng(devices=forked, device_type=None if accelerator is None else device.type):
+            salted = seed ^ LORA_DROPOUT_SEED_SALT
+            torch.random.default_generator.manual_seed(salted)
+            if accelerator is not None:
+                accelerator.manual_seed_all(salted)
+            before = [module.training for module in dropouts]
+            try:
+                for module in dropouts:
+                    module.train(True)
+                yield
+            finally:
+                for module, mode in zip(dropouts, before):
+                    module.train(mode)
+
     def train(self, mode: bool = True) -> "Backbone":
-        # Frozen towers always run in eval mode (BatchNorm running stats, no dropout).
+        # Frozen towers always run in eval mode (BatchNorm running stats, no dropout). LoRA dropout is
+        # switched on only inside ``lora_dropout`` (the SFT steps), never through train().
         return super().train(False)

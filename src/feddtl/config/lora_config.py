@@ -14,7 +14,12 @@ class LoraConfig:
     alpha: float = 8.0
     """LoRA scaling numerator; the update is scaled by alpha / rank (peft's default alpha, 8)."""
     dropout: float = 0.0
-    """Dropout on the LoRA branch input. 0 keeps training deterministic given the seed."""
+    """Dropout probability on the input of the LoRA branch (both towers), active only in the SFT stage's
+    training steps: FedDTL's stage 1 and the local SFT of FedLoRA and the two-stage ablation (PromptFL and
+    FedPGP share those steps but keep the LoRA at its zero init, so it changes nothing there). Everything
+    else runs with it off: the RL stage (pi_old, the reference, the policy's log-probs and ratios), the
+    uploaded embeddings, the server's text step and evaluation. The masks are seeded from the client step's
+    seed, so a run stays reproducible. 0 (default): no dropout anywhere."""
     image_start_block: int | None = None
     """First image block that gets LoRA (the paper's l; blocks before it are the frozen trunk).
     None: the backbone's default (lite: 14 of 16 blocks; hf-clip: L - 2, i.e. 10 of 12 for ViT-B/16)."""

@@ -62,7 +62,9 @@ def text_sft_epochs(
         loss = loss + extra
         return loss, {**row, "loss": loss.item(), "loss_extra": extra.item()}
 
-    return train_epochs(params, epochs, len(data), config, generator, batch)
+    # lora.dropout acts in these training steps only (both towers); seeded as in FedDTL's sft_epochs.
+    with backbone.lora_dropout(generator.initial_seed()):
+        return train_epochs(params, epochs, len(data), config, generator, batch)
 
 
 def text_rl_epochs(
