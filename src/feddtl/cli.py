@@ -105,10 +105,15 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _cmd_report(args: argparse.Namespace) -> int:
     from feddtl.reporting.table import load_results, results_table
 
-    try:
-        rows = load_results([Path(d) for d in args.dirs])
-    except FileNotFoundError as exc:
-        print(f"feddtl: {exc}", file=sys.stderr)
+    rows, skipped = load_results([Path(d) for d in args.dirs])
+    for folder, why in skipped:
+        print(f"feddtl report: skipping {folder}: {why}", file=sys.stderr)
+    if not rows:
+        print(
+            f"feddtl report: nothing to report: none of the {len(args.dirs)} folder(s) given holds a finished run "
+            "(a results.json)",
+            file=sys.stderr,
+        )
         return 2
     print(results_table(rows))
     return 0
@@ -198,7 +203,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="inprocess (default, one machine) or flower-sim (Flower's Simulation Engine, one SuperNode per client)",
     )
     run.set_defaults(func=_cmd_run)
-    report = sub.add_parser("report", help="print a results table of finished run directories")
+    report = sub.add_parser(
+        "report",
+        help="print a results table of finished run directories (others are skipped with a warning)",
+        epilog="exit status: 0 table printed, 2 no folder holds a finished run",
+    )
     report.add_argument("dirs", nargs="+")
     report.set_defaults(func=_cmd_report)
     bench = sub.add_parser("bench", help="run a benchmark suite (methods x scenarios x seeds), resumable")

@@ -7,14 +7,29 @@ from pathlib import Path
 from typing import Any
 
 
-def load_results(dirs: list[Path]) -> list[dict[str, Any]]:
-    rows = []
+def load_results(dirs: list[Path]) -> tuple[list[dict[str, Any]], list[tuple[Path, str]]]:
+    """One row per run directory that holds a results.json, and (directory, why) for each one skipped:
+    a folder that is missing or holds no readable results.json (an unfinished run) is not an error, so a
+    table of the finished runs can be printed while others still run."""
+    rows: list[dict[str, Any]] = []
+    skipped: list[tuple[Path, str]] = []
     for d in dirs:
         path = d / "results.json"
-        if not path.is_file():
-            raise FileNotFoundError(f"{d}: no results.json (is the run finished?)")
-        rows.append({"run": d.name, **json.loads(path.read_text())})
-    return rows
+        if not d.is_dir():
+            skipped.append((d, "no such folder"))
+        elif not path.is_file():
+            skipped.append((d, "no results.json (an unfinished run?)"))
+        else:
+            try:
+                results = json.loads(path.read_text())
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+                skipped.append((d, f"results.json cannot be read ({exc})"))
+                continue
+            if not isinstance(results, dict):
+                skipped.append((d, "results.json does not hold a JSON object"))
+                continue
+            rows.append({"run": d.name, **results})
+    return rows, skipped
 
 
 def _fmt(v: Any) -> str:
