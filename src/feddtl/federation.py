@@ -87,7 +87,8 @@ class ClassSplit:
 
 def class_split(config: ExperimentConfig, splits: DatasetSplits) -> ClassSplit:
     names = splits.train.classnames
-    base, novel = split_base_novel(len(names), mode=config.base_novel, seed=config.seed)
+    seed = config.seed if config.base_novel_seed is None else config.base_novel_seed
+    base, novel = split_base_novel(len(names), mode=config.base_novel, seed=seed)
     return ClassSplit(base=list(base), novel=list(novel), classnames=list(names))
 
 

@@ -50,7 +50,7 @@ class ExperimentConfig:
     rounds: int = 20
     """T, communication rounds (paper: 20)."""
     seed: int = 0
-    """Seed of everything: split, partition, shots, initialisation, batches, noise."""
+    """Seed of everything: split (unless base_novel_seed is set), partition, shots, initialisation, batches, noise."""
     alpha: float = 0.1
     """Dirichlet concentration for partition = "dirichlet" (paper: 0.1)."""
     classes_per_client: int = 2
@@ -61,6 +61,9 @@ class ExperimentConfig:
     """Full-data cap on training images per client (seeded subsample); None: no cap."""
     base_novel: Literal["half", "random"] = "half"
     """How classes split into base (trained) and novel (held out): first half, or a seeded random half."""
+    base_novel_seed: int | None = None
+    """Seed of the base_novel = "random" class split, so the split can stay fixed while `seed` varies the
+    rest (partition, shots, initialisation, batches, noise). None: the run's `seed`. No effect with "half"."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where the towers run; auto picks CUDA when available."""
     data: DataConfig = field(default_factory=DataConfig)
@@ -97,6 +100,10 @@ class ExperimentConfig:
             (self.rounds >= 1, f"rounds must be >= 1, got {self.rounds}"),
             (self.alpha > 0, f"alpha must be > 0 (Dirichlet concentration), got {self.alpha}"),
             (self.classes_per_client >= 1, f"classes_per_client must be >= 1, got {self.classes_per_client}"),
+            (
+                self.base_novel_seed is None or self.base_novel_seed >= 0,
+                f"base_novel_seed must be >= 0 or none, got {self.base_novel_seed}",
+            ),
             (0 < self.client_fraction <= 1, f"client_fraction must be in (0, 1], got {self.client_fraction}"),
             (
                 self.max_train_per_client is None or self.max_train_per_client >= 1,
