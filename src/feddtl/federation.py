@@ -116,6 +116,7 @@ def client_indices(config: ExperimentConfig, splits: DatasetSplits, classes: Cla
                 seed=config.seed,
                 alpha=config.alpha,
                 classes_per_client=config.classes_per_client,
+                min_partition_size=config.min_partition_size,
             )
     except ValueError as exc:  # e.g. no Dirichlet draw gives every client an image: a config problem
         if isinstance(exc, ConfigError):
@@ -153,7 +154,7 @@ def _domain_parts(config: ExperimentConfig, splits: DatasetSplits, pool: np.ndar
     try:
         return domain_partition(
             train.labels[pool], train.domains[pool], len(train.domain_names), config.num_clients,
-            config.partition, seed=config.seed, alpha=config.alpha,
+            config.partition, seed=config.seed, alpha=config.alpha, min_partition_size=config.min_partition_size,
         )
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
