@@ -224,6 +224,13 @@ class Federation:
     """Training images per client when the clients are remote (the Flower server, which holds no client
     data and learns them in its handshake); None: ``len(clients[k])``."""
 
+    def partition_counts(self) -> np.ndarray | None:
+        """Training images per client (rows) and base class (columns, ``classes.base`` order), as the
+        clients hold them (after shots); None when the clients are remote and their data are not here."""
+        if not self.clients:
+            return None
+        return np.stack([np.bincount(c.labels.numpy(), minlength=len(self.classes.base)) for c in self.clients])
+
 
 def client_partition(config: ExperimentConfig, splits: DatasetSplits, client_id: int) -> tuple[ClassSplit, np.ndarray]:
     """The class split and one client's training-image indices (same partitioner and seed as every engine)."""
