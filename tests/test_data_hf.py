@@ -4,6 +4,7 @@ errors for bad input."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -103,12 +104,23 @@ def test_single_saved_dataset_is_the_train_split_and_test_per_class_caps(tmp_pat
     assert len(splits.train) == 50 and np.bincount(splits.test.labels).tolist() == [1] * 10
 
 
-def test_images_are_decoded_only_when_asked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    # prepare: count every image decode
-    name = saved(tmp_path, train=hf_split(6), test=hf_split(2, offset=6))
-    decoded = []
+@pytest.fixture
+def decoded(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Grows by one for every image datasets decodes."""
+    count: list[int] = []
     original = Image.decode_example
-    monkeypatch.setattr(Image, "decode_example", lambda self, value, **kw: decoded.append(1) or original(self, value, **kw))
+
+    def counting(self: Image, value: dict, **kwargs: object) -> object:
+        count.append(1)
+        return original(self, value, **kwargs)
+
+    monkeypatch.setattr(Image, "decode_example", counting)
+    return count
+
+
+def test_images_are_decoded_only_when_asked(tmp_path: Path, decoded: list[int]) -> None:
+    # prepare
+    name = saved(tmp_path, train=hf_split(6), test=hf_split(2, offset=6))
     # execute: load, split, subset (what the federation does before a client encodes its images)
     splits = load_dataset(name, DataConfig(), seed=0)
     client = splits.train.subset([5, 17, 42])
@@ -262,16 +274,23 @@ def test_unlabelled_test_split_falls_back_to_a_stratified_split(tmp_path: Path) 
 
 
 @pytest.mark.usefixtures("one_thread")
-def test_cli_runs_tiny_on_a_saved_hf_dataset(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    # prepare
+def test_cli_runs_tiny_on_a_saved_hf_dataset(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], decoded: list[int]
+) -> None:
+    # prepare: 120 train and 30 test images
     name = saved(tmp_path, train=hf_split(12), test=hf_split(3, offset=12))
     out = tmp_path / "run"
     # execute
-    code = main(["run", "--config", "tiny", "--set", f"dataset={name}", "--set", "rounds=2", "--out", str(out), "--quiet"])
+    code = main(
+        ["run", "--config", "tiny", "--set", f"dataset={name}", "--set", "rounds=2", "--out", str(out), "--quiet"]
+    )
     # assert
     assert code == 0, capsys.readouterr().err
-    assert (out / "results.json").is_file() and (out / "partition.png").stat().st_size > 0
+    assert (out / "partition.png").stat().st_size > 0
     assert f"on {name}" in capsys.readouterr().out
+    # every image decoded was one a client holds or one evaluated, each once (the trunk cache's images)
+    results = json.loads((out / "results.json").read_text())
+    assert len(decoded) == results["cache"]["images"] < 150
 
 
 def test_cli_bad_hf_input_is_one_line_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -308,3 +327,21 @@ def test_image_dataset_source_subset_stays_lazy_and_maps_rows() -> None:
     assert source.asked == [[11]] and images[0].mode == "RGB" and images[0].getpixel((0, 0)) == (11, 11, 11)
     with pytest.raises(ValueError, match="rows= with source="):
         ImageDataset(np.array([0]), ["a"], source=source)
+
+
+def test_datasets_is_imported_only_inside_functions() -> None:
+    # The CLI and the Flower ClientApp must stay quick to start: `datasets` (and pyarrow) take about a second
+    # to import, so no module of feddtl imports it at its top level (only the hf: loader, when it runs).
+    import ast
+
+    import feddtl
+
+    top_level = []
+    for path in Path(feddtl.__file__).parent.rglob("*.py"):
+        for node in ast.parse(path.read_text()).body:  # module-level statements only
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else []
+            )
+            if any(n == "datasets" or n.startswith("datasets.") for n in names):
+                top_level.append(f"{path.name}:{node.lineno}")
+    assert not top_level

@@ -130,7 +130,8 @@ class ImageDataset:
         if self._images is not None:
             return ImageDataset(self.labels[idx], self.classnames, images=self._images[idx], **dom)
         if self._source is not None:
-            return ImageDataset(self.labels[idx], self.classnames, source=self._source, rows=self._rows[idx], **dom)  # type: ignore[index]
+            rows = self._rows[idx]  # type: ignore[index]
+            return ImageDataset(self.labels[idx], self.classnames, source=self._source, rows=rows, **dom)
         return ImageDataset(self.labels[idx], self.classnames, paths=[self._paths[i] for i in idx], **dom)  # type: ignore[index]
 
 

@@ -59,7 +59,9 @@ class HFImages:
             try:
                 image = self._dataset[int(row)][self._column]
             except Exception as err:  # decoding errors of PIL and of datasets alike: name the row
-                raise DatasetError(f"{self._where}: cannot decode the image of row {row}: {_first_line(err)}") from err
+                raise DatasetError(
+                    f"{self._where}: cannot decode the image of row {row}: {_first_line(err)}"
+                ) from err
             if image is None:
                 raise DatasetError(f"{self._where}: row {row} has no image (column {self._column!r} is empty there)")
             out.append(image)
@@ -99,21 +101,28 @@ def _open(name: str, spec: str, config: DataConfig) -> dict[str, Any]:
     path = Path(spec).expanduser()
     local = path.exists()
     if not local and (spec.startswith(("/", ".", "~")) or "\\" in spec):
-        raise DatasetError(f"{name}: {path} does not exist; give a folder written by save_to_disk, a folder of "
-                           "parquet files, or a Hugging Face Hub id")
+        raise DatasetError(
+            f"{name}: {path} does not exist; give a folder written by save_to_disk, a folder of parquet files, "
+            "or a Hugging Face Hub id"
+        )
     if local and _is_saved(path) and config.hf_subset is not None:
-        raise DatasetError(f"{name}: data.hf_subset={config.hf_subset!r}, but a dataset written by save_to_disk "
-                           "has no subsets; unset data.hf_subset")
+        raise DatasetError(
+            f"{name}: data.hf_subset={config.hf_subset!r}, but a dataset written by save_to_disk has no subsets; "
+            "unset data.hf_subset"
+        )
     was_enabled = datasets.is_progress_bar_enabled()
-    if local:
-        datasets.disable_progress_bars()  # seconds of "Generating train split" bars for a local folder: noise
+    # datasets' own bars ("Generating train split", "Loading dataset shards") are noise next to the run's; a
+    # download's bars are huggingface_hub's and stay (`feddtl run --quiet` turns those off).
+    datasets.disable_progress_bars()
     try:
         if local and _is_saved(path):
             loaded = datasets.load_from_disk(str(path))
         elif local and path.is_file():
             if path.suffix != ".parquet":
-                raise DatasetError(f"{name}: {path} is a file but not a .parquet file; give a folder written by "
-                                   "save_to_disk, a folder of parquet files, or one .parquet file")
+                raise DatasetError(
+                    f"{name}: {path} is a file but not a .parquet file; give a folder written by save_to_disk, a "
+                    "folder of parquet files, or one .parquet file"
+                )
             loaded = datasets.load_dataset("parquet", data_files={"train": str(path)})
         else:
             # A folder of data files (parquet, as a clone of a hub repository holds them) or a hub id; the
@@ -123,8 +132,9 @@ def _open(name: str, spec: str, config: DataConfig) -> dict[str, Any]:
         raise
     except Exception as err:  # datasets raises many types (ConnectionError, FileNotFoundError, its own ...)
         where = f"cannot read {path}" if local else f"cannot load {spec!r} from the Hugging Face Hub"
-        hint = "" if local else ("; without network, give a local path: a folder written by save_to_disk or a "
-                                 "folder of parquet files")
+        hint = "" if local else (
+            "; without network, give a local path: a folder written by save_to_disk or a folder of parquet files"
+        )
         raise DatasetError(f"{name}: {where}: {_first_line(err)}{hint}") from None
     finally:
         if was_enabled:
@@ -284,8 +294,10 @@ def load_hf(name: str, spec: str, config: DataConfig, seed: int) -> DatasetSplit
         test_labels = _raw_labels(name, test_split, test_ds, label_col)
         if auto and len(test_labels) and np.all(test_labels < 0):
             # Hub test splits often come without labels (-1 throughout): as if there were no test split.
-            log.warning("%s: split 'test' has no labels; the test images are a stratified split of %r instead",
-                        name, train_split)
+            log.warning(
+                "%s: split 'test' has no labels; the test images are a stratified split of %r instead",
+                name, train_split,
+            )
             test_ds = None
     if test_ds is None:
         train_idx, test_idx = stratified_split(train_labels, config.test_fraction, seed)
