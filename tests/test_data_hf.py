@@ -270,6 +270,29 @@ def test_unlabelled_test_split_falls_back_to_a_stratified_split(tmp_path: Path) 
     assert "unlabelled" in explicit
 
 
+def test_an_undecodable_image_fails_when_used_naming_its_row(tmp_path: Path) -> None:
+    # prepare: row 1 of the train split holds bytes that are no image; loading reads labels only, so it succeeds
+    features = Features({"image": Image(), "label": ClassLabel(names=["a", "b"])})
+    pictures = digits(1)[0][:2]
+    bad = Dataset.from_dict({"image": [pictures[0], {"bytes": b"not an image", "path": None}], "label": [0, 1]},
+                            features=features)
+    good = Dataset.from_dict({"image": pictures, "label": [0, 1]}, features=features)
+    splits = load_dataset(saved(tmp_path, train=bad, test=good), DataConfig(), seed=0)
+    # execute
+    with pytest.raises(DatasetError) as err:
+        splits.train.load_images([1])
+    # assert
+    assert "split 'train'" in str(err.value) and "row 1" in str(err.value)
+    assert splits.train.load_images([0])[0].size == (8, 8)
+
+
+def test_test_split_equal_to_the_train_split_is_a_config_error() -> None:
+    from feddtl.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="data.hf_test_split='train' is the train split too"):
+        load_config("tiny", ["data.hf_test_split=train"])
+
+
 # ----------------------------------------------------------------------------- the command line
 
 
