@@ -229,7 +229,7 @@ class Federation:
         clients hold them (after shots); None when the clients are remote and their data are not here."""
         if not self.clients:
             return None
-        return np.stack([np.bincount(c.labels.numpy(), minlength=len(self.classes.base)) for c in self.clients])
+        return np.stack([np.bincount(c.labels.cpu().numpy(), minlength=len(self.classes.base)) for c in self.clients])
 
 
 def client_partition(config: ExperimentConfig, splits: DatasetSplits, client_id: int) -> tuple[ClassSplit, np.ndarray]:

@@ -1,7 +1,7 @@
 """Class names from a file (``data.class_names_file``): one name per line, in label order.
 
-For data sets whose labels carry no names (a Hugging Face integer label column), and for protocols that
-fix the class names (CoOp-style splits), whatever names the data come with.
+The file's names replace the ones the data come with: for data sets whose labels carry no names (a Hugging
+Face integer label column), and for protocols that fix the class names (CoOp-style splits).
 """
 
 from __future__ import annotations

@@ -43,7 +43,9 @@ class HFImages:
     def __init__(self, dataset: Any, column: str, where: str) -> None:
         import datasets
 
-        dataset = dataset.select_columns([column])  # no other column (a second image, say) is ever decoded
+        # Only this column (a second image column is never decoded), and plain Python rows: a format saved with
+        # the dataset (set_format("torch"), say) would hand out tensors instead of PIL images.
+        dataset = dataset.select_columns([column]).with_format(None)
         if not dataset.features[column].decode:  # stored with decode=False: decode here all the same
             dataset = dataset.cast_column(column, datasets.Image())
         self._dataset = dataset
