@@ -131,6 +131,12 @@ def test_images_are_decoded_only_when_asked(tmp_path: Path, decoded: list[int]) 
     assert len(decoded) == 2 and len(images) == 2
 
 
+def test_a_format_saved_with_the_dataset_still_gives_pil_images(tmp_path: Path) -> None:
+    name = saved(tmp_path, train=hf_split(3).with_format("numpy"))
+    splits = load_dataset(name, DataConfig(test_fraction=0.34), seed=0)
+    assert splits.train.load_images([0])[0].mode == "RGB"
+
+
 def test_column_overrides_pick_among_several_columns(tmp_path: Path) -> None:
     # prepare: two image columns and two label columns, so nothing can be guessed
     images, labels = digits(4)
