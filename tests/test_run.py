@@ -33,6 +33,7 @@ def test_tiny_run_writes_the_run_directory(tmp_path):
     weights = load_file(str(tmp_path / "final_lora.safetensors"))
     assert any(k.startswith("image.") for k in weights) and any(k.startswith("text.") for k in weights)
     assert (tmp_path / "accuracy.png").stat().st_size > 0
+    assert (tmp_path / "partition.png").stat().st_size > 0
 
 
 def test_same_seed_same_results(tmp_path):

@@ -117,6 +117,7 @@ def client_indices(config: ExperimentConfig, splits: DatasetSplits, classes: Cla
                 seed=config.seed,
                 alpha=config.alpha,
                 classes_per_client=config.classes_per_client,
+                min_partition_size=config.min_partition_size,
             )
     except ValueError as exc:  # e.g. no Dirichlet draw gives every client an image: a config problem
         if isinstance(exc, ConfigError):
@@ -154,7 +155,7 @@ def _domain_parts(config: ExperimentConfig, splits: DatasetSplits, pool: np.ndar
     try:
         return domain_partition(
             train.labels[pool], train.domains[pool], len(train.domain_names), config.num_clients,
-            config.partition, seed=config.seed, alpha=config.alpha,
+            config.partition, seed=config.seed, alpha=config.alpha, min_partition_size=config.min_partition_size,
         )
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
@@ -223,6 +224,13 @@ class Federation:
     client_sizes: list[int] | None = None
     """Training images per client when the clients are remote (the Flower server, which holds no client
     data and learns them in its handshake); None: ``len(clients[k])``."""
+
+    def partition_counts(self) -> np.ndarray | None:
+        """Training images per client (rows) and base class (columns, ``classes.base`` order), as the
+        clients hold them (after shots); None when the clients are remote and their data are not here."""
+        if not self.clients:
+            return None
+        return np.stack([np.bincount(c.labels.cpu().numpy(), minlength=len(self.classes.base)) for c in self.clients])
 
 
 def client_partition(config: ExperimentConfig, splits: DatasetSplits, client_id: int) -> tuple[ClassSplit, np.ndarray]:

@@ -28,6 +28,25 @@ class DataConfig:
     """imagefolder datasets: decode every image once at load time and skip unreadable files with a
     warning (an error if a class is left without images). False: a bad file fails when it is first used."""
 
+    hf_subset: str | None = None
+    """hf: datasets: the subset (configuration) name, datasets.load_dataset's `name`; None: the default one.
+    A folder written by save_to_disk has no subsets."""
+    hf_train_split: str = "train"
+    """hf: datasets: the split the clients' images come from. A single Dataset written by save_to_disk (or
+    one .parquet file) is the split "train"."""
+    hf_test_split: str | None = None
+    """hf: datasets: the split evaluated on. None: "test" when the dataset has one with labels, else a
+    seeded stratified split of the train split (test_fraction), as for image folders."""
+    hf_image_column: str | None = None
+    """hf: datasets: the column holding the images (an Image feature). None: the dataset's one Image column."""
+    hf_label_column: str | None = None
+    """hf: datasets: the column holding the labels (a ClassLabel, or integers named by class_names_file).
+    None: the dataset's one ClassLabel column, else an integer column named "label" or "labels"."""
+    class_names_file: str | None = None
+    """A UTF-8 text file with one class name per line, in label order, that replaces the dataset's class
+    names (any dataset; needed for hf: labels without names). The count must match the dataset's classes.
+    A relative path is relative to the working directory."""
+
     def validate(self) -> None:
         """Raise ValueError naming the offending key and its allowed values."""
         if not isinstance(self.fashion_mnist_dir, str) or not self.fashion_mnist_dir:
@@ -50,4 +69,15 @@ class DataConfig:
         ):
             raise ValueError(
                 f"data.test_per_class must be an integer >= 1 or None (all), got {self.test_per_class!r}"
+            )
+        if not isinstance(self.hf_train_split, str) or not self.hf_train_split:
+            raise ValueError(f"data.hf_train_split must be a split name, got {self.hf_train_split!r}")
+        for key in ("hf_subset", "hf_test_split", "hf_image_column", "hf_label_column", "class_names_file"):
+            value = getattr(self, key)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise ValueError(f"data.{key} must be a non-empty string or none, got {value!r}")
+        if self.hf_test_split is not None and self.hf_test_split == self.hf_train_split:
+            raise ValueError(
+                f"data.hf_test_split={self.hf_test_split!r} is the train split too; name another split, or none "
+                "to split the train split"
             )

@@ -37,7 +37,8 @@ class ExperimentConfig:
     method: str = "feddtl"
     """Method name from the registry (`feddtl methods` lists them)."""
     dataset: str = "fashion-mnist"
-    """Dataset name (fashion-mnist, mnist5k, digits) or imagefolder:<path>."""
+    """Dataset name (fashion-mnist, mnist5k, digits, digits-domains), imagefolder:<path>,
+    imagefolder-domains:<path>, or hf:<hub id or local path> (a Hugging Face dataset)."""
     backbone: str = "lite"
     """"lite" (offline default) or "hf-clip:<hub id or local path>"."""
     partition: Literal["iid", "dirichlet", "pathological", "domain", "domain-dirichlet"] = "pathological"
@@ -53,6 +54,12 @@ class ExperimentConfig:
     """Seed of everything: split (unless base_novel_seed is set), partition, shots, initialisation, batches, noise."""
     alpha: float = 0.1
     """Dirichlet concentration for partition = "dirichlet" (paper: 0.1)."""
+    min_partition_size: int = 1
+    """Fewest base-class training images a client may get from the partition (before shots): a Dirichlet
+    draw ("dirichlet", "domain-dirichlet") that leaves a client below it is redrawn, up to 100 times, then
+    an error; "iid" and "pathological" stop with an error ("domain" hands out whole domains and ignores
+    it). 1 (default): every client gets at least one image, exactly as before the key existed.
+    flwr-datasets' DirichletPartitioner has the same guard (its default is 10)."""
     classes_per_client: int = 2
     """Base classes per client for partition = "pathological"."""
     client_fraction: float = 1.0
@@ -99,6 +106,10 @@ class ExperimentConfig:
             (self.shots is None or self.shots >= 1, f"shots must be >= 1 or none (full data), got {self.shots}"),
             (self.rounds >= 1, f"rounds must be >= 1, got {self.rounds}"),
             (self.alpha > 0, f"alpha must be > 0 (Dirichlet concentration), got {self.alpha}"),
+            (
+                self.min_partition_size >= 1,
+                f"min_partition_size must be >= 1, got {self.min_partition_size}",
+            ),
             (self.classes_per_client >= 1, f"classes_per_client must be >= 1, got {self.classes_per_client}"),
             (
                 self.base_novel_seed is None or self.base_novel_seed >= 0,

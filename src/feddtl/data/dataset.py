@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Protocol, Sequence
 
 import numpy as np
 from PIL import Image
@@ -19,8 +19,17 @@ class DatasetError(ValueError):
     """A dataset cannot be found or read; the message says what to do about it."""
 
 
+class ImageSource(Protocol):
+    """Images decoded on demand, addressed by row (e.g. the image column of a Hugging Face dataset)."""
+
+    def load(self, rows: np.ndarray) -> list[Image.Image]:
+        """The images at ``rows``, in that order (any PIL mode; raise DatasetError if one cannot be read)."""
+        ...
+
+
 class ImageDataset:
-    """Images (in memory or lazily loadable from files) + int64 labels + class names."""
+    """Images (in memory, lazily loaded from files, or decoded on demand from an ImageSource) + int64
+    labels + class names."""
 
     def __init__(
         self,
@@ -29,14 +38,19 @@ class ImageDataset:
         *,
         images: np.ndarray | None = None,
         paths: Sequence[str] | None = None,
+        source: ImageSource | None = None,
+        rows: np.ndarray | Sequence[int] | None = None,
         domains: np.ndarray | None = None,
         domain_names: Sequence[str] | None = None,
     ) -> None:
-        """Give exactly one of `images` (uint8, (N, H, W) grey or (N, H, W, 3) RGB) or `paths`.
+        """Give exactly one of `images` (uint8, (N, H, W) grey or (N, H, W, 3) RGB), `paths`, or `source`
+        with `rows` (sample i is ``source``'s row ``rows[i]``; nothing is decoded until `load_images`).
 
         `domains` (optional, with `domain_names`): each sample's domain id, for feature-shift data."""
-        if (images is None) == (paths is None):
-            raise ValueError("ImageDataset needs exactly one of images= or paths=")
+        if sum(x is not None for x in (images, paths, source)) != 1:
+            raise ValueError("ImageDataset needs exactly one of images=, paths= or source=")
+        if (source is None) != (rows is None):
+            raise ValueError("ImageDataset needs rows= with source=, and only with it")
         self.labels: np.ndarray = np.asarray(labels, dtype=np.int64).reshape(-1)
         self.classnames: list[str] = list(classnames)
         self.domains: np.ndarray | None = None
@@ -52,6 +66,8 @@ class ImageDataset:
                 raise ValueError(f"domain ids must lie in [0, {len(self.domain_names)})")
         self._images: np.ndarray | None = None
         self._paths: list[str] | None = None
+        self._source: ImageSource | None = None
+        self._rows: np.ndarray | None = None
         if images is not None:
             images = np.asarray(images)
             if images.dtype != np.uint8 or not (
@@ -62,9 +78,13 @@ class ImageDataset:
                 )
             n = len(images)
             self._images = images
-        else:
-            self._paths = [str(p) for p in paths]  # type: ignore[union-attr]
+        elif paths is not None:
+            self._paths = [str(p) for p in paths]
             n = len(self._paths)
+        else:
+            self._source = source
+            self._rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+            n = len(self._rows)
         if n != len(self.labels):
             raise ValueError(f"{n} images but {len(self.labels)} labels")
         if len(self.labels) and (self.labels.min() < 0 or self.labels.max() >= len(self.classnames)):
@@ -77,7 +97,7 @@ class ImageDataset:
         return len(self.labels)
 
     def __repr__(self) -> str:
-        kind = "in-memory" if self._images is not None else "files"
+        kind = "in-memory" if self._images is not None else "files" if self._paths is not None else "lazy"
         return f"ImageDataset({len(self)} images, {len(self.classnames)} classes, {kind})"
 
     @property
@@ -90,6 +110,8 @@ class ImageDataset:
         idx = np.asarray(indices, dtype=np.int64).reshape(-1)
         if self._images is not None:
             return [Image.fromarray(self._images[i]).convert("RGB") for i in idx]
+        if self._source is not None:
+            return [im.convert("RGB") for im in self._source.load(self._rows[idx])]  # type: ignore[index]
         out: list[Image.Image] = []
         for i in idx:
             path = self._paths[i]  # type: ignore[index]
@@ -101,11 +123,15 @@ class ImageDataset:
         return out
 
     def subset(self, indices: Sequence[int] | np.ndarray) -> "ImageDataset":
-        """The images at `indices` (same class names; pixels shared for in-memory data)."""
+        """The images at `indices` (same class names; pixels shared for in-memory data, and an ImageSource's
+        images stay undecoded)."""
         idx = np.asarray(indices, dtype=np.int64).reshape(-1)
         dom = {} if self.domains is None else {"domains": self.domains[idx], "domain_names": self.domain_names}
         if self._images is not None:
             return ImageDataset(self.labels[idx], self.classnames, images=self._images[idx], **dom)
+        if self._source is not None:
+            rows = self._rows[idx]  # type: ignore[index]
+            return ImageDataset(self.labels[idx], self.classnames, source=self._source, rows=rows, **dom)
         return ImageDataset(self.labels[idx], self.classnames, paths=[self._paths[i] for i in idx], **dom)  # type: ignore[index]
 
 

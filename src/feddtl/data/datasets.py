@@ -13,8 +13,10 @@ import numpy as np
 
 from feddtl.config.data_config import DataConfig
 
+from .class_names import rename_classes
 from .dataset import DIGIT_CLASSNAMES, DatasetError, DatasetSplits, ImageDataset, with_test_cap
 from .domains import load_digit_domains, load_imagefolder_domains
+from .hf import HF_PREFIX, load_hf
 from .imagefolder import IMAGEFOLDER_PREFIX, load_imagefolder
 from .partition import stratified_split
 
@@ -135,24 +137,33 @@ DATASETS: dict[str, Loader] = {
 
 
 def available_datasets() -> list[str]:
-    """Registered dataset names (besides the `imagefolder:<path>` form)."""
+    """Registered dataset names (besides the imagefolder:, imagefolder-domains: and hf: forms)."""
     return sorted(DATASETS)
 
 
 def load_dataset(name: str, config: DataConfig, seed: int) -> DatasetSplits:
-    """Load `name` (a registered name or `imagefolder:<path>`) into seeded train/test splits."""
+    """Load `name` (a registered name, `imagefolder:<path>`, `imagefolder-domains:<path>` or `hf:<hub id or
+    path>`) into seeded train/test splits, with the class names of `data.class_names_file` when it is set."""
     config.validate()
+    if name.startswith(HF_PREFIX):  # reads data.class_names_file itself: unnamed labels need it
+        return check_classes(load_hf(name, name[len(HF_PREFIX):], config, seed))
     if name.startswith("imagefolder-domains:"):
-        return load_imagefolder_domains(name, name[len("imagefolder-domains:"):], config, seed)
+        splits = load_imagefolder_domains(name, name[len("imagefolder-domains:"):], config, seed)
+        return splits if config.class_names_file is None else rename_classes(splits, config.class_names_file)
     if name.startswith(IMAGEFOLDER_PREFIX):
-        return check_classes(load_imagefolder(name, name[len(IMAGEFOLDER_PREFIX):], config, seed))
-    if name not in DATASETS:
+        splits = load_imagefolder(name, name[len(IMAGEFOLDER_PREFIX):], config, seed)
+    elif name in DATASETS:
+        splits = DATASETS[name](config, seed)
+    else:
         raise DatasetError(
             f"unknown dataset {name!r}; available: {', '.join(available_datasets())}, or "
-            f"{IMAGEFOLDER_PREFIX}<path> for a folder with one sub-folder of images per class, or "
-            f"imagefolder-domains:<path> for one such folder per domain"
+            f"{IMAGEFOLDER_PREFIX}<path> for a folder with one sub-folder of images per class, "
+            f"imagefolder-domains:<path> for one such folder per domain, or {HF_PREFIX}<hub id or local path> "
+            "for a Hugging Face dataset"
         )
-    return check_classes(DATASETS[name](config, seed))
+    if config.class_names_file is not None:
+        splits = rename_classes(splits, config.class_names_file)
+    return check_classes(splits)
 
 
 def check_classes(splits: DatasetSplits) -> DatasetSplits:

@@ -207,7 +207,7 @@ DOMAIN_PARTITIONS: tuple[str, ...] = ("domain", "domain-dirichlet")
 
 def domain_partition(
     labels: np.ndarray, domains: np.ndarray, num_domains: int, num_clients: int, scheme: str, seed: int,
-    alpha: float = 0.1,
+    alpha: float = 0.1, min_partition_size: int = 1,
 ) -> list[np.ndarray]:
     """Positions held by each client under a feature-shift partition; one sorted int64 array per client.
 
@@ -215,7 +215,8 @@ def domain_partition(
       domain per client when num_clients == num_domains); needs num_clients <= num_domains.
     - "domain-dirichlet": client k belongs to domain k mod num_domains; each domain's samples are split
       among its clients with per-class proportions ~ Dir(alpha) (domains x label skew); needs
-      num_clients >= num_domains.
+      num_clients >= num_domains. A draw that leaves a client of a domain with fewer than
+      ``min_partition_size`` samples is redrawn (see ``partition``).
     """
     from .partition import partition as label_partition
 
@@ -240,7 +241,10 @@ def domain_partition(
             pool = np.flatnonzero(domains == d)
             if len(pool) == 0:
                 continue
-            chunks = label_partition(labels[pool], len(members), "dirichlet", seed=seed + 31 * d, alpha=alpha)
+            chunks = label_partition(
+                labels[pool], len(members), "dirichlet", seed=seed + 31 * d, alpha=alpha,
+                min_partition_size=min_partition_size,
+            )
             for k, chunk in zip(members, chunks):
                 parts[k] = np.sort(pool[chunk]).astype(np.int64)
         return parts

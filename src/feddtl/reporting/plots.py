@@ -1,4 +1,4 @@
-"""Plots of a run's metrics (PNG, matplotlib's Agg backend: no display needed)."""
+"""Plots of a run's metrics and of its partition (PNG, matplotlib's Agg backend: no display needed)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -51,3 +52,37 @@ def plot_run(metrics: list[dict[str, Any]], out: Path, title: str = "") -> list[
         plt.close(fig)
         written.append(path)
     return written
+
+
+# Above this many cells the counts are left out of the heat map: they would not be legible.
+MAX_ANNOTATED_CELLS = 400
+
+
+def plot_partition(counts: np.ndarray, classnames: list[str], out: Path, title: str = "") -> Path:
+    """``partition.png``: a clients x classes heat map of the training images each client holds.
+
+    ``counts[k, c]``: client k's images of class c (the run's base classes, in order)."""
+    counts = np.asarray(counts, dtype=np.int64)
+    if counts.ndim != 2 or counts.shape[1] != len(classnames):
+        raise ValueError(f"counts must be (clients, {len(classnames)} classes), got shape {counts.shape}")
+    clients, classes = counts.shape
+    fig, ax = plt.subplots(figsize=(min(2.0 + 0.5 * classes, 24.0), min(1.5 + 0.4 * clients, 24.0)))
+    image = ax.imshow(counts, cmap="Blues", aspect="auto", vmin=0)
+    fig.colorbar(image, ax=ax, label="training images")
+    slanted = classes > 4  # long lists of names overlap when horizontal
+    ax.set_xticks(range(classes), classnames, rotation=45 if slanted else 0, ha="right" if slanted else "center")
+    ax.set_yticks(range(clients), [f"client {k} ({n})" for k, n in enumerate(counts.sum(axis=1))])
+    if clients * classes <= MAX_ANNOTATED_CELLS:
+        threshold = counts.max() / 2 if counts.size else 0
+        for k in range(clients):
+            for c in range(classes):
+                if counts[k, c]:
+                    color = "white" if counts[k, c] > threshold else "black"
+                    ax.text(c, k, str(counts[k, c]), ha="center", va="center", color=color, fontsize=8)
+    ax.set_xlabel("class")
+    ax.set_title(title or "training images per client and class")
+    fig.tight_layout()
+    path = out / "partition.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

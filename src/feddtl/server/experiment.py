@@ -14,7 +14,7 @@ from feddtl.config import ExperimentConfig
 from feddtl.federation import Federation, build_federation
 from feddtl.methods import get_method
 from feddtl.methods.base import Method, ServerContext
-from feddtl.reporting.plots import plot_run
+from feddtl.reporting.plots import plot_partition, plot_run
 from feddtl.server.accounting import MemoryMeter, communication_summary, phase_summary
 from feddtl.server.checkpoint import load_checkpoint, remove_checkpoint, restore_checkpoint
 from feddtl.server.clients import ClientRunner, InProcessClients
@@ -47,6 +47,20 @@ def client_runner(fed: Federation, method: Method, remote: ClientRunner | None =
         clients, fed.config.faults,
         lambda task, k: update_spec(fed, task, k, extra_reference=method.update_extra_reference(task)),
     )
+
+
+def draw_partition(fed: Federation, out: Path, log_fn: Callable[[str], None] = print) -> Path | None:
+    """``partition.png`` in the run folder: the clients x base classes image counts (reads the clients'
+    labels, changes nothing). Remote clients (the Flower ServerApp) report only their classes and sizes,
+    so there the picture is skipped, with a log line."""
+    counts = fed.partition_counts()
+    if counts is None:
+        log_fn("partition.png not drawn: the clients are remote and report only their classes and image counts")
+        return None
+    config = fed.config
+    held = "full data" if config.shots is None else f"{config.shots} shots"
+    title = f"{config.dataset}: {config.partition} partition, {config.num_clients} clients, {held}"
+    return plot_partition(counts, fed.classes.base_names, out, title=title)
 
 
 def run_experiment(
@@ -82,6 +96,7 @@ def run_experiment(
         fed = build(config, log_fn=log_fn, run_dir=run.path)
     setup_s = time.perf_counter() - started
     setup_peak = meter.end_phase()
+    draw_partition(fed, run.path, log_fn)
     method = build_method(fed)
     rows: list[dict[str, Any]] = []
     if method.trains:
