@@ -10,20 +10,26 @@ from pathlib import Path
 from feddtl.config import ConfigError, ExperimentConfig, available_presets, load_config
 
 
-def _run_target(args: argparse.Namespace) -> tuple[ExperimentConfig, str]:
-    """(config, run directory) of `feddtl run`: fresh, resumed, or restarted (``--resume DIR --restart``)."""
-    from feddtl.server.checkpoint import load_run_config
-
+def _check_run_args(args: argparse.Namespace) -> None:
+    """The combinations of `feddtl run` options that make no sense, refused before anything is read."""
     if args.resume is None:
         if args.restart:
             raise ConfigError("--restart goes with --resume DIR (a run with --out always starts at round 1)")
         if args.out is None:
             raise ConfigError("feddtl run needs --out DIR (or --resume DIR to continue a stopped run)")
-        return load_config(args.config, args.set or []), args.out
+        return
     if args.config is not None:
         raise ConfigError("--config cannot be combined with --resume: a resumed run keeps the config.toml of its directory")
     if args.out is not None and Path(args.out).resolve() != Path(args.resume).resolve():
         raise ConfigError("--out must be left out with --resume (the run continues in its own directory)")
+
+
+def _run_target(args: argparse.Namespace) -> tuple[ExperimentConfig, str]:
+    """(config, run directory) of `feddtl run`: fresh, resumed, or restarted (``--resume DIR --restart``)."""
+    from feddtl.server.checkpoint import load_run_config
+
+    if args.resume is None:
+        return load_config(args.config, args.set or []), args.out
     return load_run_config(args.resume, args.set or []), args.resume
 
 
@@ -46,6 +52,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from feddtl.server.stop import RunStopped, StopRequest, stop_on_signals
 
     try:
+        _check_run_args(args)
         if args.resume is not None and not args.restart:
             # A finished run is reported and left alone, whatever engine wrote it: resuming it would
             # only rewrite its results (and relabel their engine).
@@ -89,6 +96,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
         print(f"feddtl: {exc.reason} received: stopped at round {exc.round}; resume with `feddtl run --resume {out}`",
               file=sys.stderr)
         return 3
+    except KeyboardInterrupt:  # a second Ctrl-C: stopped at once, like a kill
+        print(f"\nfeddtl: interrupted; `feddtl run --resume {out}` continues from the last checkpoint", file=sys.stderr)
+        return 130
     except (ConfigError, DatasetError, BackboneError, CheckpointError, RunDirError) as exc:
         print(f"feddtl: {exc}", file=sys.stderr)
         return 2
@@ -169,7 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
         "run",
         help="run one experiment into a run directory",
         epilog="exit status: 0 done (or already finished, with --resume), 2 bad config / data / checkpoint / run "
-        "directory, 3 stopped on failing clients or on SIGTERM / SIGINT (resumable with --resume)",
+        "directory, 3 stopped on failing clients or on SIGTERM / SIGINT (resumable with --resume), 130 a second "
+        "Ctrl-C (stopped at once)",
     )
     run.add_argument("--config", default=None, help="TOML file or preset name (see `feddtl presets`)")
     run.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
