@@ -325,6 +325,64 @@ def test_cli_prints_bad_input_as_one_line_and_exits_2(tmp_path, capsys, argv, me
     assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
+def _out_at_a_file(tmp: Path, clip: Path) -> list[str]:
+    (tmp / "taken").write_text("")
+    return ["--config", "tiny", "--out", str(tmp / "taken")]
+
+
+def _out_below_a_file(tmp: Path, clip: Path) -> list[str]:
+    (tmp / "taken").write_text("")
+    return ["--config", "tiny", "--out", str(tmp / "taken" / "run")]
+
+
+def _out_unwritable(tmp: Path, clip: Path) -> list[str]:
+    if os.geteuid() == 0:  # root writes through permissions; /proc takes no new files from anyone
+        return ["--config", "tiny", "--out", "/proc"]
+    locked = tmp / "locked"
+    locked.mkdir(mode=0o500)
+    return ["--config", "tiny", "--out", str(locked)]
+
+
+def _config_not_utf8(tmp: Path, clip: Path) -> list[str]:
+    (tmp / "latin1.toml").write_bytes('method = "feddtl"\n# réglage\n'.encode("latin-1"))
+    return ["--config", str(tmp / "latin1.toml"), "--out", str(tmp / "run")]
+
+
+def _image_size_below_lite(tmp: Path, clip: Path) -> list[str]:
+    return ["--config", "tiny", "--set", "data.image_size=1", "--out", str(tmp / "run")]
+
+
+def _image_size_below_patch(tmp: Path, clip: Path) -> list[str]:
+    return ["--config", "tiny", "--set", f"backbone=hf-clip:{clip}", "--set", "data.image_size=7", "--out", str(tmp / "run")]
+
+
+@pytest.mark.parametrize(
+    "make_argv,message",
+    [
+        (_out_at_a_file, "taken is a file, not a directory"),
+        (_out_below_a_file, "taken/run is below"),
+        (_out_unwritable, "cannot be written"),
+        (_config_not_utf8, "latin1.toml: not a TOML file (not UTF-8 text"),
+        (_image_size_below_lite, "data.image_size=1 is too small for backbone lite: the minimum is 32"),
+        (_image_size_below_patch, "data.image_size=7 is too small for backbone hf-clip:"),
+    ],
+    ids=["--out at a file", "--out below a file", "--out unwritable", "config not UTF-8",
+         "image_size below lite's 32", "image_size below the CLIP patch"],
+)
+def test_cli_rejects_a_bad_run_target_in_one_line_before_any_work(tmp_path, capsys, clip_dir, make_argv, message):
+    # prepare
+    argv = make_argv(tmp_path, clip_dir)
+    # execute
+    code = cli_main(["run", *argv, "--quiet"])
+    # assert: one line, exit 2, and no run directory written
+    err = capsys.readouterr().err
+    assert code == 2
+    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()
+    if "image_size=7" in message:
+        assert "the minimum is 8" in err  # the tiny CLIP's patches are 8 px
+
+
 def test_prototype_uploads_are_one_vector_per_class_and_pass_validation(bundle, base_overrides, tmp_path):
     # prepare / execute: tiny has 3 clients x 2 classes each
     rows, _ = run_with(bundle, base_overrides, tmp_path, ["client.upload=prototypes"])

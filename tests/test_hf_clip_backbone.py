@@ -9,7 +9,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never touch the network
 import pytest
 import torch
 
-from feddtl.backbones.hf_clip import HFClipBackbone
+from feddtl.backbones.base import BackboneError
+from feddtl.backbones.hf_clip import HFClipBackbone, clip_patch_size
 from feddtl.config.lora_config import LoraConfig
 from feddtl.backbones.tiny_clip import build_tiny_clip
 
@@ -100,6 +101,18 @@ def test_other_image_size_interpolates_positions(clip_dir):
     # assert
     assert bb.info.image_size == 48
     torch.testing.assert_close(image, ref, rtol=0, atol=1e-5)
+
+
+def test_image_size_of_one_patch_is_the_minimum(clip_dir):
+    # prepare / execute: the tiny CLIP cuts 8 x 8 patches; 8 px is one patch, 7 px none
+    bb = HFClipBackbone(str(clip_dir), image_size=8)
+    with torch.no_grad():
+        image = _image_embed(bb, _pixels(size=8))
+    # assert
+    assert image.shape == (3, bb.info.embed_dim) and torch.isfinite(image).all()
+    assert clip_patch_size(str(clip_dir)) == 8
+    with pytest.raises(BackboneError, match=r"image_size 7 is too small; .* the minimum is 8 px"):
+        HFClipBackbone(str(clip_dir), image_size=7)
 
 
 def test_add_lora_wraps_q_and_v_of_the_tail_only(backbone):

@@ -12,18 +12,26 @@ from pathlib import Path
 from feddtl.config import ConfigError, ExperimentConfig, available_presets, load_config
 
 
-def _run_target(args: argparse.Namespace) -> tuple[ExperimentConfig, str]:
-    """(config, run directory) of `feddtl run`, fresh or resumed."""
-    from feddtl.server.checkpoint import load_run_config
-
+def _check_run_args(args: argparse.Namespace) -> None:
+    """The combinations of `feddtl run` options that make no sense, refused before anything is read."""
     if args.resume is None:
+        if args.restart:
+            raise ConfigError("--restart goes with --resume DIR (a run with --out always starts at round 1)")
         if args.out is None:
             raise ConfigError("feddtl run needs --out DIR (or --resume DIR to continue a stopped run)")
-        return load_config(args.config, args.set or []), args.out
+        return
     if args.config is not None:
         raise ConfigError("--config cannot be combined with --resume: a resumed run keeps the config.toml of its directory")
     if args.out is not None and Path(args.out).resolve() != Path(args.resume).resolve():
         raise ConfigError("--out must be left out with --resume (the run continues in its own directory)")
+
+
+def _run_target(args: argparse.Namespace) -> tuple[ExperimentConfig, str]:
+    """(config, run directory) of `feddtl run`: fresh, resumed, or restarted (``--resume DIR --restart``)."""
+    from feddtl.server.checkpoint import load_run_config
+
+    if args.resume is None:
+        return load_config(args.config, args.set or []), args.out
     return load_run_config(args.resume, args.set or []), args.resume
 
 
@@ -59,31 +67,63 @@ def _quiet_hf() -> Iterator[None]:
             (hub_utils.disable_progress_bars if hub_bars_off else hub_utils.enable_progress_bars)()
 
 
+def _summary(results: dict) -> str:
+    return (
+        f"{results['method']} on {results['dataset']} ({results['partition']}, {results['rounds']} rounds): "
+        f"Base {results['base_acc']:.2f}  Novel {results['novel_acc']:.2f}  HM {results['hm']:.2f}  "
+        f"Local {results['local_acc']:.2f}"
+    )
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from feddtl.backbones.base import BackboneError
     from feddtl.server.checkpoint import CheckpointError
     from feddtl.data import DatasetError
+    from feddtl.federation import check_image_size
     from feddtl.server.experiment import run_experiment
     from feddtl.server.robust import RoundFailed
+    from feddtl.server.rundir import RunDir, RunDirError, read_results
+    from feddtl.server.stop import RunStopped, StopRequest, stop_on_signals
 
     try:
+        _check_run_args(args)
+        if args.resume is not None and not args.restart:
+            # A finished run is reported and left alone, whatever engine wrote it: resuming it would
+            # only rewrite its results (and relabel their engine).
+            finished = read_results(args.resume)
+            if finished is not None:
+                print(
+                    f"{args.resume} is finished ({_summary(finished)}; engine {finished.get('engine')}): nothing "
+                    f"to resume, nothing changed. `feddtl run --resume {args.resume} --restart` runs it again"
+                )
+                return 0
         config, out = _run_target(args)
+        check_image_size(config)  # every engine: before the Flower simulation starts, too
+        RunDir(out)  # --out at a file, below one or where nothing can be written: one line, before the setup
     except ConfigError as exc:
         print(f"feddtl: config error: {exc}", file=sys.stderr)
         return 2
+    except RunDirError as exc:
+        print(f"feddtl: {exc}", file=sys.stderr)
+        return 2
     log = (lambda s: None) if args.quiet else (lambda s: print(s, flush=True))
+    # --restart is a fresh run into the directory: its config.toml, round 1, the earlier state replaced
+    resume = args.resume is not None and not args.restart
     try:
         with _quiet_hf() if args.quiet else contextlib.nullcontext():
             if args.engine == "flower-sim":
-                if args.resume is not None:
-                    raise ConfigError("--resume works with --engine inprocess only")
+                if resume:
+                    raise ConfigError(
+                        "--resume works with --engine inprocess only (--resume DIR --restart may use flower-sim)"
+                    )
                 from feddtl.flower.simulation import run_flower_simulation
 
                 results = run_flower_simulation(config, out, log_fn=log)
             else:
-                results = run_experiment(
-                    config, out, progress=not args.quiet, log_fn=log, resume=args.resume is not None
-                )
+                with stop_on_signals(StopRequest()) as stop:
+                    results = run_experiment(
+                        config, out, progress=not args.quiet, log_fn=log, resume=resume, stop=stop
+                    )
     except RoundFailed as exc:
         print(
             f"feddtl: {exc}. The run stopped with a checkpoint after round {exc.round - 1}; continue it with "
@@ -91,14 +131,17 @@ def _cmd_run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 3
-    except (ConfigError, DatasetError, BackboneError, CheckpointError) as exc:
+    except RunStopped as exc:
+        print(f"feddtl: {exc.reason} received: stopped at round {exc.round}; resume with `feddtl run --resume {out}`",
+              file=sys.stderr)
+        return 3
+    except KeyboardInterrupt:  # a second Ctrl-C: stopped at once, like a kill
+        print(f"\nfeddtl: interrupted; `feddtl run --resume {out}` continues from the last checkpoint", file=sys.stderr)
+        return 130
+    except (ConfigError, DatasetError, BackboneError, CheckpointError, RunDirError) as exc:
         print(f"feddtl: {exc}", file=sys.stderr)
         return 2
-    print(
-        f"{results['method']} on {results['dataset']} ({results['partition']}, {results['rounds']} rounds): "
-        f"Base {results['base_acc']:.2f}  Novel {results['novel_acc']:.2f}  HM {results['hm']:.2f}  "
-        f"Local {results['local_acc']:.2f}  [{results['wall_s']:.0f} s] -> {out}"
-    )
+    print(f"{_summary(results)}  [{results['wall_s']:.0f} s] -> {out}")
     return 0
 
 
@@ -179,7 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser(
         "run",
         help="run one experiment into a run directory",
-        epilog="exit status: 0 done, 2 bad config / data / checkpoint, 3 stopped on failing clients (resumable)",
+        epilog="exit status: 0 done (or already finished, with --resume), 2 bad config / data / checkpoint / run "
+        "directory, 3 stopped on failing clients or on SIGTERM / SIGINT (resumable with --resume), 130 a second "
+        "Ctrl-C (stopped at once)",
     )
     run.add_argument("--config", default=None, help="TOML file or preset name (see `feddtl presets`)")
     run.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
@@ -190,6 +235,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="continue the stopped run in DIR from its last checkpoint (its config.toml is used; --set may "
         "change only robustness.*, faults.*, checkpoint.*)",
+    )
+    run.add_argument(
+        "--restart",
+        action="store_true",
+        help="with --resume DIR: start the run in DIR again from round 1 with its config.toml, replacing its "
+        "checkpoint, metrics and results (e.g. after its checkpoint was lost)",
     )
     run.add_argument(
         "--quiet",

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from feddtl.algorithm.client import ClientData
-from feddtl.backbones import Backbone, TextFeatures, build_backbone
+from feddtl.backbones import Backbone, TextFeatures, build_backbone, min_image_size
 from feddtl.cache import TrunkCache, trunk_batches
 from feddtl.config import ConfigError, ExperimentConfig
 from feddtl.data import DatasetSplits, ImageDataset, cap_per_class, few_shot, load_dataset
@@ -32,8 +32,24 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def check_image_size(config: ExperimentConfig) -> None:
+    """ConfigError if ``data.image_size`` is below what the backbone needs (an empty feature map or patch
+    grid); cheap (no weights load), so callers run it before any setup."""
+    minimum = min_image_size(config.backbone)
+    if minimum is not None and config.data.image_size < minimum:
+        why = (
+            f"EfficientNet-Lite0 downsamples by {minimum}" if config.backbone == "lite"
+            else f"the vision tower cuts {minimum} x {minimum} px patches"
+        )
+        raise ConfigError(
+            f"data.image_size={config.data.image_size} is too small for backbone {config.backbone}: "
+            f"the minimum is {minimum} ({why})"
+        )
+
+
 def make_backbone(config: ExperimentConfig) -> Backbone:
     """The configured backbone with LoRA on both tails, on the configured device."""
+    check_image_size(config)
     torch.manual_seed(config.seed)
     backbone = build_backbone(config.backbone, config.data.image_size, config.backbone_options)
     try:
@@ -262,6 +278,7 @@ def build_federation(
     ``with_clients=False`` builds the server side of a distributed run: no client data, and empty
     ``eval_set.client_classes`` / ``client_sizes`` that the caller fills with what the clients report.
     """
+    check_image_size(config)  # before the dataset and the model load: a too-small size fails at once
     splits = load_dataset(config.dataset, config.data, seed=config.seed)
     classes = class_split(config, splits)
     parts = client_indices(config, splits, classes) if with_clients else []

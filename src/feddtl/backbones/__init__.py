@@ -4,7 +4,22 @@ from __future__ import annotations
 
 from feddtl.backbones.base import Backbone, BackboneInfo, TextFeatures
 
-__all__ = ["Backbone", "BackboneInfo", "TextFeatures", "build_backbone"]
+__all__ = ["Backbone", "BackboneInfo", "TextFeatures", "build_backbone", "min_image_size"]
+
+
+def min_image_size(spec: str) -> int | None:
+    """The smallest image side the backbone ``spec`` encodes to a non-empty feature map or patch grid,
+    known without building it (lite: its downsampling factor; hf-clip: the patch size in its config);
+    None if it cannot be known before the model loads (the constructor checks it then)."""
+    if spec == "lite":
+        from feddtl.backbones.lite import LITE_DOWNSAMPLING
+
+        return LITE_DOWNSAMPLING
+    if spec.startswith("hf-clip:"):
+        from feddtl.backbones.hf_clip import clip_patch_size
+
+        return clip_patch_size(spec[len("hf-clip:") :])
+    return None
 
 
 def build_backbone(spec: str, image_size: int, options: "BackboneConfig") -> Backbone:  # noqa: F821

@@ -55,6 +55,29 @@ def _load_clip(path_or_id: str, attn_implementation: str) -> tuple[nn.Module, ob
     return model, tokenizer
 
 
+def clip_patch_size(path_or_id: str) -> int | None:
+    """The vision tower's patch size from the model's config alone (cheap: no weights are loaded); None if
+    the config cannot be read now (the loaded model is checked then)."""
+    try:
+        from transformers import CLIPConfig
+
+        local = Path(path_or_id).expanduser()
+        source = str(local) if local.is_dir() else path_or_id
+        config = CLIPConfig.from_pretrained(source, local_files_only=local.is_dir())
+        return int(config.vision_config.patch_size)
+    except Exception:  # missing, offline, not a CLIP: the full load reports it properly
+        return None
+
+
+def check_patch_grid(image_size: int, patch_size: int, name: str) -> None:
+    """An image side below one patch gives an empty patch grid: BackboneError naming the minimum."""
+    if image_size < patch_size:
+        raise BackboneError(
+            f"{name}: image_size {image_size} is too small; the vision tower cuts {patch_size} x {patch_size} "
+            f"patches, so the minimum is {patch_size} px"
+        )
+
+
 class HFClipBackbone(Backbone):
     """transformers' CLIPModel with a trunk/tail split in both towers (see module docstring)."""
 
@@ -76,6 +99,7 @@ class HFClipBackbone(Backbone):
         self.max_text_length = int(min(self.tokenizer.model_max_length, text_config.max_position_embeddings))
         num_image = len(self.model.vision_model.encoder.layers)
         num_text = len(self.model.text_model.encoder.layers)
+        check_patch_grid(int(image_size or vision_config.image_size), int(vision_config.patch_size), f"hf-clip:{path_or_id}")
         self.info = BackboneInfo(
             name=f"hf-clip:{path_or_id}",
             embed_dim=int(config.projection_dim),

@@ -18,6 +18,11 @@ from torch import nn
 from feddtl.backbones.base import Backbone, BackboneError, BackboneInfo, TextFeatures
 
 
+LITE_DOWNSAMPLING = 32
+"""EfficientNet-Lite0 halves the resolution five times (stem and four strided stages): a side below 32 px
+gives a final feature map smaller than one cell, made mostly of padding. The smallest usable image side."""
+
+
 def imagenet_classnames() -> list[str]:
     """The 1000 ImageNet class names (first synonym of each synset), in index order."""
     text = resources.files("feddtl.backbones").joinpath("imagenet_classnames.txt").read_text()
@@ -99,6 +104,11 @@ class LiteBackbone(Backbone):
         logit_scale: float = 100.0,
     ) -> None:
         super().__init__()
+        if image_size < LITE_DOWNSAMPLING:
+            raise BackboneError(
+                f"lite backbone: image_size {image_size} is too small; EfficientNet-Lite0 downsamples by "
+                f"{LITE_DOWNSAMPLING}, so the minimum is {LITE_DOWNSAMPLING} px"
+            )
         # channels_last: oneDNN's depthwise convolutions (and their backward) run ~3x faster in it on CPU,
         # which makes a cached-trunk training step ~1.3x faster (benchmarks/cache_speed.py).
         self.image_net = _load_efficientnet_lite0().to(memory_format=torch.channels_last)

@@ -10,8 +10,9 @@ class CheckpointConfig:
     """How often the server state is written to <run>/checkpoint for `feddtl run --resume`."""
 
     every: int = 1
-    """Write a checkpoint after every this many rounds, and always after the last round and when a run
-    stops on failing clients. 0: only those two. A resumed run repeats the rounds since the last one."""
+    """Write a checkpoint after every this many rounds, and always before the first round (round 0), after
+    the last round and when a run stops (failing clients, SIGTERM / SIGINT). 0: only those. A resumed run
+    repeats the rounds since the last one."""
 
     def validate(self) -> None:
         if self.every < 0:

@@ -137,7 +137,11 @@ def load_config(name_or_path: str | None = None, overrides: list[str] | tuple[st
     if name_or_path is not None:
         path = resolve_config_path(name_or_path)
         try:
-            values = tomllib.loads(path.read_text())
+            values = tomllib.loads(path.read_text(encoding="utf-8"))  # TOML is UTF-8, whatever the locale says
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{path}: not a TOML file (not UTF-8 text: byte {exc.start} is {exc.object[exc.start]:#04x})") from None
+        except OSError as exc:
+            raise ConfigError(f"{path} cannot be read: {exc.strerror or exc}") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{path}: not valid TOML: {exc}") from None
     for item in overrides:

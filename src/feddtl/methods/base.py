@@ -86,6 +86,12 @@ class Method(abc.ABC):
         methods); None (default): Local accuracy uses ``prepare_eval``'s shared base embeddings."""
         return None
 
+    @classmethod
+    def resumable(cls) -> bool:
+        """Whether a checkpoint of this method can be loaded (it implements ``load_checkpoint_state``).
+        A class-level question, so ``--resume`` can refuse a method before the federation is built."""
+        return cls.load_checkpoint_state is not Method.load_checkpoint_state
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Global tensors worth saving (final weights, checkpoints)."""
         return {}
@@ -100,7 +106,8 @@ class Method(abc.ABC):
         return self.state_dict(), {}
 
     def load_checkpoint_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-        """Restore what ``checkpoint_state`` returned, into a freshly built method."""
+        """Restore what ``checkpoint_state`` returned, into a freshly built method. Methods that train
+        must implement it (``resumable``): a stopped run is refused otherwise, before the slow build."""
         raise NotImplementedError(
             f"method {self.name!r} cannot resume from a checkpoint (it does not implement load_checkpoint_state)"
         )

@@ -14,6 +14,7 @@ rounds <= M and the GRPO objective after, keeping everything else.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -139,3 +140,26 @@ class FedLoRA(Method):
             **{f"image.{k}": v for k, v in self.image_lora.items()},
             **{f"text.{k}": v for k, v in self.text_lora.items()},
         }
+
+    def checkpoint_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        # Everything the next round reads: the global image and text LoRA and, for the two-stage
+        # ablation after round M, the end-of-SFT pair (the RL reference). The server has no optimiser
+        # or generator; clients load what they are sent, so the backbone holds no state of its own.
+        tensors = {**prefixed(self.image_lora, "image"), **prefixed(self.text_lora, "text")}
+        if self.sft_reference is not None:
+            tensors.update(prefixed(self.sft_reference[0], "sft_reference_image"))
+            tensors.update(prefixed(self.sft_reference[1], "sft_reference_text"))
+        return tensors, {"has_sft_reference": self.sft_reference is not None}
+
+    def load_checkpoint_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        image_order, text_order = list(self.image_lora), list(self.text_lora)
+        image, text = unprefixed(tensors, "image", image_order), unprefixed(tensors, "text", text_order)
+        self.backbone.load_image_lora(image)  # checks shapes against the model
+        self.backbone.load_text_lora(text)
+        self.image_lora, self.text_lora = image, text
+        self.sft_reference = None
+        if meta["has_sft_reference"]:
+            self.sft_reference = (
+                unprefixed(tensors, "sft_reference_image", image_order),
+                unprefixed(tensors, "sft_reference_text", text_order),
+            )

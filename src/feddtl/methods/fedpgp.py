@@ -35,6 +35,7 @@ from feddtl.algorithm.messages import ClientTask, ClientUpdate
 from feddtl.backbones.base import Backbone
 from feddtl.config import ExperimentConfig
 from feddtl.methods.base import Method, ServerContext
+from feddtl.methods.state import matching
 from feddtl.methods.text_side import client_base_text, text_sft_epochs
 from feddtl.methods.promptfl import (
     class_prompts,
@@ -168,14 +169,6 @@ class FedPGP(Method):
         return self.state_dict(), {}
 
     def load_checkpoint_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-        expected = self.state_dict()
-        missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
-        if missing or extra:
-            raise ValueError(f"saved fedpgp state does not match: unexpected {extra[:3]}, missing {missing[:3]}")
-        for key, ref in expected.items():
-            if tuple(tensors[key].shape) != tuple(ref.shape) or tensors[key].dtype != ref.dtype:
-                raise ValueError(
-                    f"saved {key} is {tuple(tensors[key].shape)} {tensors[key].dtype}, expected {tuple(ref.shape)} {ref.dtype}"
-                )
-        self.sigma = tensors["prompt.sigma"]
-        self.personal = [(tensors[f"prompt.U.{k}"], tensors[f"prompt.V.{k}"]) for k in range(len(self.personal))]
+        saved = matching(tensors, self.state_dict(), "fedpgp")
+        self.sigma = saved["prompt.sigma"]
+        self.personal = [(saved[f"prompt.U.{k}"], saved[f"prompt.V.{k}"]) for k in range(len(self.personal))]

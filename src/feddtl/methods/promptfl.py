@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +24,7 @@ from feddtl.algorithm.messages import ClientTask, ClientUpdate
 from feddtl.backbones.base import Backbone
 from feddtl.config import ExperimentConfig
 from feddtl.methods.base import Method, ServerContext
+from feddtl.methods.state import matching
 from feddtl.methods.text_side import text_sft_epochs
 
 
@@ -157,3 +159,10 @@ class PromptFL(Method):
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {"prompt.context": self.context}
+
+    def checkpoint_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        # The context vectors are the whole server state: no optimiser, no generator, no LoRA.
+        return self.state_dict(), {}
+
+    def load_checkpoint_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        self.context = matching(tensors, self.state_dict(), "promptfl")["prompt.context"]

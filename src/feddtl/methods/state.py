@@ -59,3 +59,17 @@ def unprefixed(
         extra, missing = sorted(set(out) - set(order)), sorted(set(order) - set(out))
         raise ValueError(f"saved {prefix} state does not match the model: unexpected {extra[:3]}, missing {missing[:3]}")
     return {k: out[k] for k in order}
+
+
+def matching(tensors: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], what: str) -> dict[str, torch.Tensor]:
+    """``tensors`` checked against the live state ``expected``: the same keys, shapes and dtypes, returned
+    in ``expected``'s order. A checkpoint of another model (or another num_clients) fails here, not later."""
+    missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+    if missing or extra:
+        raise ValueError(f"saved {what} state does not match: unexpected {extra[:3]}, missing {missing[:3]}")
+    for key, ref in expected.items():
+        if tuple(tensors[key].shape) != tuple(ref.shape) or tensors[key].dtype != ref.dtype:
+            raise ValueError(
+                f"saved {key} is {tuple(tensors[key].shape)} {tensors[key].dtype}, expected {tuple(ref.shape)} {ref.dtype}"
+            )
+    return {k: tensors[k] for k in expected}

@@ -1,9 +1,12 @@
-"""Zero-shot: the backbone as it ships, no training (the reference every method must beat)."""
+"""Zero-shot: the backbone as it ships, no training (the reference every method must beat).
+
+No rounds run, so there is no checkpoint: a zero-shot run is one evaluation, and ``--resume`` of one that
+did not finish simply evaluates again (the same numbers: nothing trains and nothing is random).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 
@@ -13,7 +16,6 @@ from feddtl.algorithm.server import class_embeddings
 from feddtl.backbones.base import Backbone
 from feddtl.config import ExperimentConfig
 from feddtl.methods.base import Method, ServerContext
-from feddtl.methods.state import unprefixed
 
 
 class ZeroShot(Method):
@@ -39,11 +41,3 @@ class ZeroShot(Method):
     def prepare_eval(self) -> tuple[torch.Tensor, torch.Tensor]:
         self.backbone.load_image_lora(self.image_lora)
         return class_embeddings(self.backbone, self.ctx.base_text), class_embeddings(self.backbone, self.ctx.novel_text)
-
-    def checkpoint_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        return {f"image.{k}": v for k, v in self.image_lora.items()}, {}
-
-    def load_checkpoint_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-        image = unprefixed(tensors, "image", list(self.image_lora))
-        self.backbone.load_image_lora(image)
-        self.image_lora = image

@@ -32,6 +32,7 @@ from feddtl.config import ConfigError, ExperimentConfig, load_config, to_toml
 from feddtl.methods.base import Method
 from feddtl.config.faults_config import FaultConfig
 from feddtl.config.robustness_config import RobustnessConfig
+from feddtl.server.rundir import METRICS_FILE
 
 FORMAT_VERSION = 1
 CHECKPOINT_DIR = "checkpoint"
@@ -124,11 +125,32 @@ def save_checkpoint(
     return state_path
 
 
+def _check_nothing_lost(run_dir: Path) -> None:
+    """A run without state.json may start at round 1 only if it never got past its setup.
+
+    Every run writes a checkpoint of round 0 before its first round, and state.json is replaced, never
+    removed, afterwards: so checkpoint tensors or metrics rows without a state.json mean it was deleted or
+    lost, and starting again at round 1 would silently throw completed rounds away."""
+    tensors = sorted((run_dir / CHECKPOINT_DIR).glob("state-*.safetensors"))
+    metrics = run_dir / METRICS_FILE
+    rows = sum(1 for line in metrics.read_text(errors="replace").splitlines() if line.strip()) if metrics.is_file() else 0
+    if tensors or rows:
+        found = f"checkpoint tensors ({tensors[0].name})" if tensors else f"{rows} metrics rows"
+        raise CheckpointError(
+            f"{run_dir}/{CHECKPOINT_DIR}/{STATE_FILE} is missing, but the run has {found}: its checkpoint was "
+            f"deleted or lost, so it cannot resume; `feddtl run --resume {run_dir} --restart` starts it again "
+            "from round 1"
+        )
+
+
 def load_checkpoint(run_dir: str | Path, config: ExperimentConfig) -> Checkpoint | None:
-    """The checkpoint of ``run_dir`` checked against ``config``; None if the run has none."""
+    """The checkpoint of ``run_dir`` checked against ``config``; None if the run has none because it
+    stopped before its first checkpoint (during the setup). CheckpointError: corrupt, foreign, mismatched,
+    or missing although the run had completed rounds."""
     folder = Path(run_dir) / CHECKPOINT_DIR
     state_path = folder / STATE_FILE
     if not state_path.exists():
+        _check_nothing_lost(Path(run_dir))
         return None
     try:
         state = json.loads(state_path.read_text())

@@ -11,17 +11,18 @@ from typing import Any
 
 import feddtl
 from feddtl.config import ExperimentConfig
-from feddtl.federation import Federation, build_federation
+from feddtl.federation import Federation, build_federation, check_image_size
 from feddtl.methods import get_method
 from feddtl.methods.base import Method, ServerContext
 from feddtl.reporting.plots import plot_partition, plot_run
 from feddtl.server.accounting import MemoryMeter, communication_summary, phase_summary
-from feddtl.server.checkpoint import load_checkpoint, remove_checkpoint, restore_checkpoint
+from feddtl.server.checkpoint import CheckpointError, load_checkpoint, remove_checkpoint, restore_checkpoint
 from feddtl.server.clients import ClientRunner, InProcessClients
 from feddtl.server.faults import FaultyClients
 from feddtl.server.loop import evaluate_method, run_rounds
 from feddtl.server.robust import update_spec
-from feddtl.server.rundir import RunDir
+from feddtl.server.rundir import RunDir, read_results
+from feddtl.server.stop import StopRequest
 
 BuildFn = Callable[..., Federation]
 """Builds the federation: called as ``build(config, log_fn=..., run_dir=...)``."""
@@ -73,23 +74,44 @@ def run_experiment(
     build: BuildFn = build_federation,
     remote_clients: ClientRunner | None = None,
     engine: str = "inprocess",
+    stop: StopRequest | None = None,
 ) -> dict[str, Any]:
     """Run one experiment and write its run directory; returns results.json's content.
 
     ``fed``: an already built federation for this config (the bench reuses one across methods, with
     the backbone's LoRA reset to its initial state); None builds it.
     ``resume``: continue the run in ``out_dir`` from its checkpoint (``config`` must be its config.toml,
-    see checkpoint.load_run_config); the metrics rows past the checkpoint are dropped and recomputed.
+    see checkpoint.load_run_config); the metrics rows past the checkpoint are dropped and recomputed. A
+    finished run (it has results.json) is left as it is and its results returned, whatever engine wrote it.
+    Without ``resume`` the run starts at round 1 and replaces whatever an earlier run left in ``out_dir``.
     ``build``, ``remote_clients``, ``engine``: the Flower ServerApp passes its own federation builder
     (server side only), the runner of its SuperNodes, and its engine's name.
+    ``stop``: when requested (the CLI's signal handlers), the run stops after the current round, with a
+    checkpoint, and raises RunStopped.
     """
     started = time.perf_counter()
     meter = MemoryMeter()
+    check_image_size(config)  # a config error, before anything is written
+    if resume and (finished := read_results(out_dir)) is not None:
+        log_fn(f"{out_dir} is finished ({finished.get('method')}, {finished.get('rounds')} rounds, engine "
+               f"{finished.get('engine')}): nothing to resume, nothing changed")
+        return finished
     run = RunDir(out_dir)
-    checkpoint = load_checkpoint(run.path, config) if resume else None  # before the slow setup: fail fast
+    method_class = get_method(config.method)
+    checkpoint = None
+    if resume:  # everything a resume can refuse is checked before the slow setup: fail fast
+        if not method_class.trains:
+            log_fn(f"{config.method} trains no rounds: nothing to resume; evaluating {run.path} again")
+        else:
+            checkpoint = load_checkpoint(run.path, config)
+            if checkpoint is not None and not method_class.resumable():
+                raise CheckpointError(
+                    f"method {config.method!r} cannot resume from a checkpoint; "
+                    f"`feddtl run --resume {run.path} --restart` starts it again from round 1"
+                )
     if checkpoint is None:
         remove_checkpoint(run.path)
-        run.reset_metrics()
+        run.start_fresh()
     run.write_config(config)
     meter.start_phase()
     if fed is None:
@@ -108,9 +130,11 @@ def run_experiment(
             start_round = checkpoint.round + 1
             log_fn(f"resuming {run.path} after round {checkpoint.round} of {config.rounds}")
         elif resume:
-            log_fn(f"{run.path} has no checkpoint: starting at round 1")
+            log_fn(f"{run.path} stopped before its first round: starting at round 1")
         clients = client_runner(fed, method, remote_clients)
-        rows = run_rounds(fed, method, clients, run, start_round, rows, meter, progress=progress, log_fn=log_fn)
+        rows = run_rounds(
+            fed, method, clients, run, start_round, rows, meter, progress=progress, log_fn=log_fn, stop=stop
+        )
         final = {k: rows[-1][k] for k in FINAL_FIELDS}
         if "per_domain_acc" in rows[-1]:
             final["per_domain_acc"] = rows[-1]["per_domain_acc"]

@@ -23,6 +23,7 @@ from feddtl.server.checkpoint import checkpoint_due, save_checkpoint
 from feddtl.server.clients import ClientRunner, select_clients
 from feddtl.server.robust import RoundFailed, collect_updates, update_spec
 from feddtl.server.rundir import RunDir
+from feddtl.server.stop import RunStopped, StopRequest
 
 
 def mean_client_metrics(updates: Sequence[ClientUpdate]) -> dict[str, float]:
@@ -47,17 +48,35 @@ def run_rounds(
     meter: MemoryMeter | None = None,
     progress: bool = True,
     log_fn: Callable[[str], None] = print,
+    stop: StopRequest | None = None,
 ) -> list[dict[str, Any]]:
     """Rounds ``start_round``..T (after ``rows``, the metrics rows of the rounds before); returns all rows.
 
-    A round with too few valid answers writes a checkpoint of the previous round and raises RoundFailed.
-    Accepted updates are aggregated in the order of the selected client ids, whatever the engine.
+    A fresh run (``start_round`` 1) first writes a checkpoint of round 0, so a run that has begun its rounds
+    always has a state.json (see checkpoint.load_checkpoint). A round with too few valid answers writes a
+    checkpoint of the previous round and raises RoundFailed. ``stop``, when requested (a signal), ends the
+    run between rounds, with a checkpoint of the last completed one, by raising RunStopped; a request
+    during the last round lets the run finish. Accepted updates are aggregated in the order of the
+    selected client ids, whatever the engine.
     """
     config = fed.config
     meter = meter or MemoryMeter()
     rows = list(rows or [])
+    if start_round == 1:
+        save_checkpoint(run.path, 0, method, rows, config)
+
+    def stop_point(done: int) -> None:
+        """After round ``done`` (0: none yet) is complete and its row on disk: stop here if asked."""
+        if stop is None or not stop.requested or done >= config.rounds:
+            return
+        bar.close()
+        if done >= start_round and not checkpoint_due(done, config.rounds, config.checkpoint.every):
+            save_checkpoint(run.path, done, method, rows, config)
+        raise RunStopped(done, stop.reason or "stop requested")
+
     bar = tqdm(total=(config.rounds - start_round + 1) * len(select_clients(config, 1)), disable=not progress,
                desc="client steps", unit="step", leave=False)
+    stop_point(start_round - 1)  # a signal during the setup: the checkpoint before start_round is on disk
     for t in range(start_round, config.rounds + 1):
         meter.start_round()
         task = method.make_task(t)
@@ -99,5 +118,6 @@ def run_rounds(
         rows.append(row)
         if checkpoint_due(t, config.rounds, config.checkpoint.every):
             save_checkpoint(run.path, t, method, rows, config)
+        stop_point(t)
     bar.close()
     return rows
