@@ -6,9 +6,9 @@ Folder layout::
     bridge.safetensors    "bridge": the (1000, D) ImageNet-prompt text embeddings the image tower mixes
     feddtl_export.json    manifest.py's fields plus backbone_options and lora (how to rebuild the backbone)
 
-Loading rebuilds ``LiteBackbone`` from the pip packages with the saved options, wraps the same modules
-with LoRA, loads the tensors and puts the saved bridge in place of the recomputed one (the run's bridge,
-whatever the installed text-model package computes).
+Loading rebuilds ``LiteBackbone`` from the pip packages with the saved options and the saved bridge (the
+run's bridge, and no pass of the text tower over 1000 prompts), wraps the same modules with LoRA and
+loads the tensors.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from feddtl.backbones import build_backbone
 from feddtl.backbones.base import Backbone
+from feddtl.backbones.lite import LiteBackbone
 from feddtl.config.backbone_config import BackboneConfig
 from feddtl.config.lora_config import LoraConfig
 from feddtl.export.manifest import ExportError
@@ -50,16 +50,23 @@ def load_lite_export(folder: Path, manifest: dict[str, Any]) -> Backbone:
         bridge = load_file(str(folder / BRIDGE_FILE))["bridge"]
     except (KeyError, TypeError, OSError) as exc:
         raise ExportError(f"{folder}: incomplete lite export ({type(exc).__name__}: {exc})") from None
-    backbone = build_backbone("lite", int(manifest["image_size"]), options)
+    try:
+        backbone = LiteBackbone(
+            image_size=int(manifest["image_size"]),
+            bridge_top_k=options.bridge_top_k,
+            bridge_temperature=options.bridge_temperature,
+            template=options.template,
+            logit_scale=float(manifest["logit_scale"]),
+            bridge=bridge,
+        )
+    except ValueError as exc:  # a bridge of another shape
+        raise ExportError(f"{folder}: {BRIDGE_FILE} does not fit the lite backbone ({exc})") from None
     backbone.add_lora(lora)
     try:
         backbone.load_image_lora({k[len("image.") :]: v for k, v in tensors.items() if k.startswith("image.")})
         backbone.load_text_lora({k[len("text.") :]: v for k, v in tensors.items() if k.startswith("text.")})
     except ValueError as exc:
         raise ExportError(f"{folder}: {LORA_FILE} does not fit the lite backbone ({exc})") from None
-    if tuple(bridge.shape) != tuple(backbone.bridge.shape):
-        raise ExportError(f"{folder}: bridge shape {tuple(bridge.shape)} != {tuple(backbone.bridge.shape)}")
-    backbone.bridge = bridge.to(backbone.bridge.dtype)
     return backbone
 
 
