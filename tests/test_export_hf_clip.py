@@ -20,10 +20,12 @@ from feddtl.algorithm.server import class_embeddings
 from feddtl.backbones.tiny_clip import build_tiny_clip
 from feddtl.cli import main
 from feddtl.config import load_config
+from feddtl.data import cap_per_class, load_dataset
 from feddtl.data.transforms import images_to_tensor
+from feddtl.export import load_tuned_model
 from feddtl.export.hf import bake_position_embeddings
 from feddtl.export.source import open_run, run_backbone
-from feddtl.federation import prompt_features
+from feddtl.federation import class_split, prompt_features
 from feddtl.server.experiment import run_experiment
 
 CLASSES = ["cat", "dog", "golden retriever", "747 jet"]
@@ -190,6 +192,25 @@ def test_baked_position_table_equals_interpolation(clip_dir):
     torch.testing.assert_close(baked, expected, rtol=0, atol=1e-6)
 
 
+def test_exported_model_reproduces_the_runs_base_and_novel_accuracy(run_dir, export_dir):
+    # prepare: the run's own test images (build_eval_set's selection), as files would give them
+    config = load_config(str(run_dir / "config.toml"))
+    results = json.loads((run_dir / "results.json").read_text())
+    splits = load_dataset(config.dataset, config.data, seed=config.seed)
+    classes = class_split(config, splits)
+    model = load_tuned_model(export_dir)
+    labels = splits.test.labels
+    # execute
+    accuracy = {}
+    for name, group, names in (("base", classes.base, classes.base_names), ("novel", classes.novel, classes.novel_names)):
+        idx = cap_per_class(labels, np.flatnonzero(np.isin(labels, group)), config.data.test_per_class, seed=config.seed + 3000)
+        predicted = model.probabilities(splits.test.load_images(idx), model.text_embeddings(names)).argmax(-1)
+        truth = torch.tensor([group.index(int(y)) for y in labels[idx]])
+        accuracy[name] = 100 * (predicted == truth).float().mean().item()
+    # assert
+    assert accuracy == {"base": pytest.approx(results["base_acc"]), "novel": pytest.approx(results["novel_acc"])}
+
+
 # ----- predict -----------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def image_dir(tmp_path_factory):
@@ -245,13 +266,16 @@ def test_predict_top_k_is_capped_and_classes_file_read(export_dir, image_dir, tm
 
 
 def test_predict_without_a_readable_image_exits_2(export_dir, image_dir, tmp_path, capsys):
-    # execute
-    code = main(["predict", str(export_dir), "--images", str(image_dir / "broken.png"), str(tmp_path / "missing.jpg"),
-                 "--classes", "a,b", "--out", str(tmp_path / "p.csv"), "--quiet"])
-    # assert
+    # execute: to a file, and to stdout
+    to_file = main(["predict", str(export_dir), "--images", str(image_dir / "broken.png"), str(tmp_path / "missing.jpg"),
+                    "--classes", "a,b", "--out", str(tmp_path / "p.csv"), "--quiet"])
     err = capsys.readouterr().err
-    assert code == 2
-    assert "none of the 2 files" in err and not (tmp_path / "p.csv").exists()
+    to_stdout = main(["predict", str(export_dir), "--images", str(image_dir / "broken.png"), "--classes", "a,b", "--quiet"])
+    # assert
+    assert (to_file, to_stdout) == (2, 2)
+    assert "missing.jpg: no such file or folder" in err and "skipping " + str(image_dir / "broken.png") in err
+    assert "none of the 1 files could be read" in err and not (tmp_path / "p.csv").exists()
+    assert capsys.readouterr().out == ""  # not even the CSV header
 
 
 # ----- errors at the boundary --------------------------------------------------------------------------

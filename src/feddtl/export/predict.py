@@ -33,7 +33,8 @@ def image_extensions() -> set[str]:
 
 def collect_images(paths: list[str], warn: Callable[[str], None]) -> list[Path]:
     """Image files of ``paths``: folders are searched recursively for files with an image extension
-    (sorted); files named on the command line are kept whatever their extension (read errors tell)."""
+    (sorted); files named on the command line are kept whatever their extension (read errors tell);
+    paths that do not exist are reported and left out."""
     extensions = image_extensions()
     files: list[Path] = []
     for item in paths:
@@ -43,6 +44,8 @@ def collect_images(paths: list[str], warn: Callable[[str], None]) -> list[Path]:
             if not found:
                 warn(f"{item}: no image files in this folder")
             files += found
+        elif not path.exists():
+            warn(f"skipping {item}: no such file or folder")
         else:
             files.append(path)
     return files
@@ -90,7 +93,8 @@ def predict_csv(
     warn: Callable[[str], None] = print,
 ) -> PredictSummary:
     """Classify ``files`` among ``classes`` and write one CSV row per readable file to ``stream``:
-    ``file, top1, p1, ..., topK, pK`` (K = min(top_k, number of classes)), most probable first."""
+    ``file, top1, p1, ..., topK, pK`` (K = min(top_k, number of classes)), most probable first. The
+    header comes with the first row: without a readable image nothing is written."""
     if top_k < 1:
         raise ExportError(f"--top-k must be >= 1, got {top_k}")
     if batch_size < 1:
@@ -98,7 +102,7 @@ def predict_csv(
     k = min(top_k, len(classes))
     text = model.text_embeddings(classes)
     writer = csv.writer(stream)
-    writer.writerow(["file"] + [col for i in range(1, k + 1) for col in (f"top{i}", f"p{i}")])
+    header = ["file"] + [col for i in range(1, k + 1) for col in (f"top{i}", f"p{i}")]
     summary = PredictSummary(0, 0)
     with tqdm(total=len(files), unit="img", desc="predict", disable=not progress, file=sys.stderr) as bar:
         for start in range(0, len(files), batch_size):
@@ -112,6 +116,8 @@ def predict_csv(
                     reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
                     warn(f"skipping {path}: cannot read it as an image ({reason})")
             if images:
+                if summary.predicted == 0:  # the header with the first row: no readable image, no CSV at all
+                    writer.writerow(header)
                 probs, index = model.probabilities(images, text).topk(k, dim=-1)
                 for path, p_row, i_row in zip(batch, probs.tolist(), index.tolist()):
                     writer.writerow([str(path)] + [v for c, p in zip(i_row, p_row) for v in (classes[c], f"{p:.6f}")])
