@@ -36,9 +36,11 @@ def _features(out) -> torch.Tensor:
     return out if isinstance(out, torch.Tensor) else out.pooler_output
 
 
-def _tiny_clip_run(clip, out, method: str = "feddtl"):
+def _tiny_clip_run(clip, out, method: str = "feddtl", image_size: int = 32):
     config = load_config(
-        "tiny", [f'backbone="hf-clip:{clip}"', f'method="{method}"', "rounds=1", "client.switch_round=1", "eval.every=1"]
+        "tiny",
+        [f'backbone="hf-clip:{clip}"', f'method="{method}"', "rounds=1", "client.switch_round=1", "eval.every=1",
+         f"data.image_size={image_size}"],
     )
     run_experiment(config, out, progress=False, log_fn=lambda s: None)
     return out
@@ -173,6 +175,25 @@ def test_zeroshot_run_exports_the_base_model_without_adapters(clip_dir, tmp_path
         exported = _features(CLIPModel.from_pretrained(str(tmp_path / "export")).get_image_features(pixel_values=pixels))
         base = _features(CLIPModel.from_pretrained(str(clip_dir)).get_image_features(pixel_values=pixels))
     torch.testing.assert_close(exported, base, rtol=0, atol=1e-6)
+
+
+def test_run_at_another_image_size_exports_a_model_of_that_size(clip_dir, tmp_path):
+    # prepare: feddtl interpolates the 32 px CLIP's position embeddings to 48 px on every call
+    from transformers import CLIPModel, CLIPTokenizer
+
+    run = _tiny_clip_run(clip_dir, tmp_path / "run48", image_size=48)
+    backbone = run_backbone(open_run(run))
+    pixels = torch.randn(2, 3, 48, 48, generator=torch.Generator().manual_seed(5))
+    expected = _feddtl_logits(backbone, pixels, "a photo of a {}.")
+    # execute
+    assert main(["export", str(run), "--out", str(tmp_path / "export")]) == 0
+    model = CLIPModel.from_pretrained(str(tmp_path / "export")).eval()
+    tokens = CLIPTokenizer.from_pretrained(str(tmp_path / "export"))([f"a photo of a {c}." for c in CLASSES], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        logits = model(**tokens, pixel_values=pixels).logits_per_image  # no interpolate_pos_encoding
+    # assert
+    assert model.config.vision_config.image_size == 48
+    torch.testing.assert_close(logits, expected, rtol=0, atol=1e-5)
 
 
 def test_baked_position_table_equals_interpolation(clip_dir):
