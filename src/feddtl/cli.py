@@ -174,21 +174,13 @@ def _cmd_bench_report(args: argparse.Namespace) -> int:
     return 0
 
 
-def _quiet_transformers() -> None:
-    """No "Loading weights" / "Writing model shards" bars from transformers: export and predict report
-    their own progress."""
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-
-
 def _cmd_export(args: argparse.Namespace) -> int:
     from feddtl.backbones.base import BackboneError
     from feddtl.export import MANIFEST_NAME, ExportError, export_run
 
-    _quiet_transformers()
     try:
-        manifest = export_run(args.run, args.out, force=args.force, log_fn=lambda s: print(s, file=sys.stderr))
+        with _quiet_hf():  # no "Loading weights" / "Writing model shards" bars: the summary line says it all
+            manifest = export_run(args.run, args.out, force=args.force, log_fn=lambda s: print(s, file=sys.stderr))
     except (ExportError, ConfigError, BackboneError) as exc:
         print(f"feddtl export: {exc}", file=sys.stderr)
         return 2
@@ -213,7 +205,6 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     def warn(message: str) -> None:
         tqdm.write(f"feddtl predict: {message}", file=sys.stderr)  # above the progress bar, not through it
 
-    _quiet_transformers()
     out = None if args.out is None else Path(args.out)
     try:
         if args.top_k < 1 or args.batch_size < 1:
@@ -222,10 +213,12 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         files = collect_images(args.images, warn)
         if not files:
             raise ExportError(f"no image files in {' '.join(args.images)}")
-        model = load_tuned_model(args.model, device=args.device)
-        summary = predict_to_file(
-            model, files, classes, out, top_k=args.top_k, batch_size=args.batch_size, progress=not args.quiet, warn=warn
-        )
+        with _quiet_hf():  # our own progress bar is the one that counts images
+            model = load_tuned_model(args.model, device=args.device)
+            summary = predict_to_file(
+                model, files, classes, out, top_k=args.top_k, batch_size=args.batch_size, progress=not args.quiet,
+                warn=warn,
+            )
     except (ExportError, ConfigError, BackboneError) as exc:
         print(f"feddtl predict: {exc}", file=sys.stderr)
         return 2
