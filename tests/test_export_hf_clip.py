@@ -122,6 +122,7 @@ def test_processor_reproduces_feddtl_preprocessing_from_raw_images(run_dir, expo
     torch.testing.assert_close(logits, expected, rtol=0, atol=1e-5)
 
 
+@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")  # peft on transformers 5
 def test_peft_adapters_on_the_base_clip_equal_the_merged_towers(export_dir, clip_dir):
     # prepare
     from peft import PeftModel

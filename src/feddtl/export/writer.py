@@ -94,6 +94,7 @@ def export_run(
                 "export must invert images before preprocessing (feddtl_export.json says so)"
             )
         write_manifest(tmp, manifest)
+        _readable_as_umask(tmp)
         if out.exists():
             shutil.rmtree(out)  # empty, or replaced under --force (check_out_dir)
         os.replace(tmp, out)
@@ -102,3 +103,12 @@ def export_run(
         raise
     return manifest
 
+
+def _readable_as_umask(folder: Path) -> None:
+    """Give the files the permissions the umask allows: safetensors creates its files 0600, and an
+    export is meant to be handed on."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in folder.rglob("*"):
+        if path.is_file():
+            path.chmod(0o666 & ~umask)
