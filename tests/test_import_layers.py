@@ -15,7 +15,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "feddtl"
 LAYERS: list[tuple[str, ...]] = [
     ("feddtl.__main__",),  # python -m feddtl
     ("feddtl.cli",),  # the command line
-    ("feddtl.bench", "feddtl.flower"),  # benchmark suites; the Flower ServerApp / ClientApp
+    ("feddtl.bench", "feddtl.flower", "feddtl.export"),  # benchmark suites; the Flower ServerApp / ClientApp; export, predict
     ("feddtl.server",),  # the engine-neutral round loop, robust round, checkpoints, run directory
     ("feddtl.methods", "feddtl.federation", "feddtl.reporting"),  # methods; building clients; tables/plots
     ("feddtl.evaluation",),  # Base / Novel / HM / Local

@@ -1,4 +1,5 @@
-"""The `feddtl` command line: run an experiment, list methods and presets, tabulate results."""
+"""The `feddtl` command line: run an experiment, list methods and presets, tabulate results, export the
+tuned model and classify images with it."""
 
 from __future__ import annotations
 
@@ -216,6 +217,65 @@ def _cmd_bench_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from feddtl.backbones.base import BackboneError
+    from feddtl.export import MANIFEST_NAME, ExportError, export_run
+
+    try:
+        with _quiet_hf():  # no "Loading weights" / "Writing model shards" bars: the summary line says it all
+            manifest = export_run(args.run, args.out, force=args.force, log_fn=lambda s: print(s, file=sys.stderr))
+    except (ExportError, ConfigError, BackboneError) as exc:
+        print(f"feddtl export: {exc}", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    if manifest["kind"] == "hf-clip":
+        adapters = manifest["adapters"]
+        contents = "merged CLIPModel + CLIPProcessor" + (
+            f", peft adapters {out / adapters['image']} and {out / adapters['text']}" if adapters else ""
+        )
+    else:
+        contents = "lite LoRA + bridge tensors"
+    print(f"exported the {manifest['method']} run {args.run} -> {out} ({contents}; {MANIFEST_NAME})")
+    return 0
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from feddtl.backbones.base import BackboneError
+    from feddtl.export import ExportError, collect_images, load_tuned_model, parse_classes, predict_to_file
+
+    def warn(message: str) -> None:
+        tqdm.write(f"feddtl predict: {message}", file=sys.stderr)  # above the progress bar, not through it
+
+    out = None if args.out is None else Path(args.out)
+    try:
+        if args.top_k < 1 or args.batch_size < 1:
+            raise ExportError(f"--top-k and --batch-size must be >= 1, got {args.top_k} and {args.batch_size}")
+        classes = parse_classes(args.classes, args.classes_file)
+        files = collect_images(args.images, warn)
+        if not files:
+            raise ExportError(f"no image files in {' '.join(args.images)}")
+        with _quiet_hf():  # our own progress bar is the one that counts images
+            model = load_tuned_model(args.model, device=args.device)
+            summary = predict_to_file(
+                model, files, classes, out, top_k=args.top_k, batch_size=args.batch_size, progress=not args.quiet,
+                warn=warn,
+            )
+    except (ExportError, ConfigError, BackboneError) as exc:
+        print(f"feddtl predict: {exc}", file=sys.stderr)
+        return 2
+    if summary.predicted == 0:
+        print(f"feddtl predict: none of the {len(files)} files could be read as an image; no CSV written", file=sys.stderr)
+        return 2
+    print(
+        f"feddtl predict: {summary.predicted} images among {len(classes)} classes with the {model.source}"
+        f"{f', {summary.skipped} unreadable skipped' if summary.skipped else ''} -> {out or 'stdout'}",
+        file=sys.stderr,
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="feddtl", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -282,6 +342,34 @@ def build_parser() -> argparse.ArgumentParser:
         help="the SuperLink's IP address or DNS name as SuperNodes reach it (repeatable; 127.0.0.1 and localhost are always in)",
     )
     certs.set_defaults(func=_cmd_flower_certs)
+    export = sub.add_parser(
+        "export",
+        help="write a finished run's tuned model to a folder of its own (docs/export.md)",
+        epilog="hf-clip runs: a merged CLIPModel + CLIPProcessor (save_pretrained) and the two LoRAs as peft "
+        "adapters; lite runs: LoRA and bridge tensors. Exit status: 0 done, 2 not a finished run of a LoRA "
+        "method or zeroshot, or --out in the way",
+    )
+    export.add_argument("run", metavar="RUN", help="a finished run folder (feddtl run --out RUN)")
+    export.add_argument("--out", required=True, metavar="DIR", help="folder to write (new or empty)")
+    export.add_argument("--force", action="store_true", help="replace DIR if it exists and is not empty")
+    export.set_defaults(func=_cmd_export)
+    predict = sub.add_parser(
+        "predict",
+        help="classify image files among any class names with a tuned model, to CSV (docs/export.md)",
+        epilog="CSV columns: file, top1, p1, ..., topK, pK. Unreadable files are reported and skipped. "
+        "Exit status: 0 done, 2 bad input or no readable image",
+    )
+    predict.add_argument("model", metavar="EXPORT_OR_RUN", help="an export folder (feddtl export) or a finished run folder")
+    predict.add_argument("--images", nargs="+", required=True, metavar="DIR|FILE", help="image files, or folders searched recursively")
+    names = predict.add_mutually_exclusive_group(required=True)
+    names.add_argument("--classes", metavar='"a,b,c"', help="comma-separated class names")
+    names.add_argument("--classes-file", metavar="F", help="text file with one class name per line")
+    predict.add_argument("--out", metavar="preds.csv", default=None, help="CSV file to write (default: stdout)")
+    predict.add_argument("--top-k", type=int, default=5, help="classes per image, most probable first (default 5, at most the class count)")
+    predict.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default 32)")
+    predict.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="where the model runs (default auto)")
+    predict.add_argument("--quiet", action="store_true", help="no progress bar")
+    predict.set_defaults(func=_cmd_predict)
     sub.add_parser("methods", help="list methods").set_defaults(func=_cmd_methods)
     sub.add_parser("presets", help="list preset configs").set_defaults(func=_cmd_presets)
     return parser

@@ -102,7 +102,10 @@ class LiteBackbone(Backbone):
         bridge_temperature: float = 1.0,
         template: str = "a photo of a {}.",
         logit_scale: float = 100.0,
+        bridge: torch.Tensor | None = None,
     ) -> None:
+        """``bridge``: a bridge computed before (an export's), which skips the text tower's pass over the
+        1000 prompts (most of the construction time); None computes it with ``template``."""
         super().__init__()
         if image_size < LITE_DOWNSAMPLING:
             raise BackboneError(
@@ -132,11 +135,14 @@ class LiteBackbone(Backbone):
         )
         self.set_split(None, None)
         self.eval()
-        with torch.no_grad():
-            prompts = [template.format(c) for c in imagenet_classnames()]
-            tokens = self.tokenize(prompts)
-            bridge = F.normalize(self.text_tail(self.text_trunk(tokens)), dim=-1)
-        self.register_buffer("bridge", bridge, persistent=False)
+        if bridge is None:
+            with torch.no_grad():
+                prompts = [template.format(c) for c in imagenet_classnames()]
+                tokens = self.tokenize(prompts)
+                bridge = F.normalize(self.text_tail(self.text_trunk(tokens)), dim=-1)
+        elif tuple(bridge.shape) != (1000, self.info.embed_dim):
+            raise ValueError(f"bridge shape {tuple(bridge.shape)} != (1000, {self.info.embed_dim})")
+        self.register_buffer("bridge", bridge.float(), persistent=False)
 
     # ----- image tower ---------------------------------------------------------------------------
     def image_trunk(self, pixels: torch.Tensor) -> torch.Tensor:
