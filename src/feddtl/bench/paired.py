@@ -330,7 +330,9 @@ def console_lines(rows: list[PairedComparison]) -> list[str]:
 
 
 def _p(p: float | None) -> str:
-    return "—" if p is None or p != p else f"{p:.4f}"
+    if p is None or p != p:
+        return "—"
+    return f"{p:.4f}" if p >= 1e-4 else f"{p:.1e}"  # a sign test over 21 pairs goes down to 1e-6
 
 
 PAIRED_FIELDS = [
