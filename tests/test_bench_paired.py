@@ -182,3 +182,17 @@ def test_committed_paper_lite_tables_regenerate_byte_identically(tmp_path: Path)
     # assert: the unpaired outputs of v1 unchanged, the paired ones as committed
     for name in ("table.md", "table.csv", "comparison.csv", "paired.csv", "domains.csv"):
         assert (tmp_path / name).read_bytes() == (PAPER_LITE / name).read_bytes(), name
+
+
+def test_one_seed_gives_no_paired_verdict(tmp_path: Path):
+    # prepare: one seed (the smoke suite's case): the unpaired rule counts any difference, paired cannot
+    (tmp_path / "suite.toml").write_text('name = "t"\nbase = "tiny"\nmethods = ["fedlora", "feddtl"]\n[[scenario]]\nname = "s1"\n')
+    _run(tmp_path, "s1", "fedlora", 0, base=50.0, novel=50.0)
+    _run(tmp_path, "s1", "feddtl", 0, base=60.0, novel=60.0)
+    # execute
+    write_report(tmp_path)
+    # assert
+    row = next(r for r in csv.DictReader((tmp_path / "paired.csv").open()) if r["metric"] == "hm")
+    assert (row["n"], row["mean"], row["ci_low"], row["p"], row["p_holm"]) == ("1", "10.0", "", "", "")
+    assert (row["outcome"], row["unpaired_outcome"]) == ("n/a", "win")
+    assert "| fedlora | n/a +10.00 [n = 1] |" in (tmp_path / "table.md").read_text()

@@ -17,6 +17,7 @@ comparison is *uncorrected*: win / loss where its own 95 % interval excludes 0. 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -38,6 +39,9 @@ METHOD_TEXT = (
     "images and initial weights); mean, 95 % interval mean ± t(0.975, n − 1) · s / √n, and the two-sided "
     "paired t test's p"
 )
+
+UNCORRECTED = "uncorrected"
+"""The family name of every comparison outside the two Holm families."""
 
 HEADLINE_METRIC = "hm"
 """FedDTL against each method on this metric forms the first Holm family; its other metrics are uncorrected."""
@@ -113,7 +117,7 @@ class PairedComparison:
     kind: str
     """"vs-feddtl" (FedDTL against a method), "paper-claim", or "pair" (any other two methods)."""
     family: str
-    """The Holm family ("hm-vs-feddtl", "paper-claims") or "uncorrected"."""
+    """The Holm family ("hm-vs-feddtl", "paper-claims") or UNCORRECTED."""
     method: str
     baseline: str
     metric: str
@@ -122,17 +126,17 @@ class PairedComparison:
     unpaired: Verdict
     paper_delta: float | None = None
     p_holm: float | None = None
-    """Holm-adjusted p within the family; None for an uncorrected comparison."""
+    """Holm-adjusted p within the family (nan below 2 paired seeds); None for an uncorrected comparison."""
 
     @property
     def corrected(self) -> bool:
-        return self.p_holm is not None
+        return self.family != UNCORRECTED
 
     @property
     def separated(self) -> bool:
         """Holm rejects (headline families) or the 95 % interval excludes 0 (uncorrected)."""
         if self.corrected:
-            return self.p_holm is not None and self.p_holm <= ALPHA
+            return self.p_holm is not None and self.p_holm <= ALPHA  # False for nan
         return self.stat.excludes_zero
 
     @property
@@ -165,7 +169,7 @@ class PairedComparison:
         """Outcome, mean and interval; † marks a Holm family member whose own interval excludes 0 but
         that Holm does not reject."""
         mark = "†" if self.corrected and self.outcome == "tie" and self.stat.excludes_zero else ""
-        return f"{self.outcome}{mark} {self.interval_text}" if self.stat.n >= 2 else f"n/a {self.interval_text}"
+        return f"{self.outcome}{mark} {self.interval_text}"
 
 
 def _by_seed(cell: CellSummary, key: str) -> dict[int, float]:
@@ -185,11 +189,7 @@ def _compare(
 
 def _with_holm(rows: list[PairedComparison]) -> list[PairedComparison]:
     adjusted = holm([r.stat.p for r in rows])
-    return [
-        PairedComparison(r.kind, r.family, r.method, r.baseline, r.metric, r.scenario, r.stat, r.unpaired,
-                         r.paper_delta, p)
-        for r, p in zip(rows, adjusted)
-    ]
+    return [dataclasses.replace(r, p_holm=p) for r, p in zip(rows, adjusted)]
 
 
 def paired_comparisons(suite: dict[str, Any], cells: dict[tuple[str, str], CellSummary]) -> list[PairedComparison]:
@@ -209,11 +209,11 @@ def paired_comparisons(suite: dict[str, Any], cells: dict[tuple[str, str], CellS
         for c in PAPER_CLAIMS if c.method in methods and c.baseline in methods for sc in scenarios
     ])
     rest = [
-        _compare(cells, "vs-feddtl", "uncorrected", REFERENCE, m, key, sc)
+        _compare(cells, "vs-feddtl", UNCORRECTED, REFERENCE, m, key, sc)
         for m in others for key, _ in METRICS if key != HEADLINE_METRIC for sc in scenarios
     ]
     rest += [
-        _compare(cells, "pair", "uncorrected", later, earlier, key, sc)
+        _compare(cells, "pair", UNCORRECTED, later, earlier, key, sc)
         for earlier, later in combinations(others, 2) for key, _ in METRICS for sc in scenarios
     ]
     return headline + claims + rest

@@ -12,9 +12,10 @@ Standard deviations are sample standard deviations (n - 1) over the seeds that f
 from __future__ import annotations
 
 import csv
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from feddtl.bench.cells import METRICS, RL_DIAGNOSTICS, CellSummary, collect, domain_names, domain_stats
 from feddtl.bench.compare import PAPER_CLAIMS, REFERENCE, Verdict, claim_outcome, signed, verdict
