@@ -209,7 +209,7 @@ def _cmd_bench_report(args: argparse.Namespace) -> int:
     from feddtl.bench.report import write_report
 
     try:
-        written = write_report(args.dir)
+        written = write_report(args.dir, echo=print)
     except FileNotFoundError as exc:
         print(f"feddtl bench-report: {exc}", file=sys.stderr)
         return 2

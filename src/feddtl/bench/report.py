@@ -3,22 +3,25 @@
 Reads DIR/suite.toml and every DIR/runs/<scenario>/<method>/seed<k>/{results.json, metrics.jsonl};
 writes table.md, table.csv (method x scenario: Base / Novel / HM / Local mean and std over seeds, plus
 the final-round RL diagnostics), comparison.csv (FedDTL against every other method, and the paper's
-claims, as win / tie / loss verdicts: see ``compare``), domains.csv (feature-shift scenarios: accuracy
-per domain) and plots.
+claims, as win / tie / loss verdicts: see ``compare``), paired.csv (the same and every other pair of
+methods, paired by seed, with 95 % intervals and Holm-corrected headline families: see ``paired``),
+domains.csv (feature-shift scenarios: accuracy per domain) and plots.
 Standard deviations are sample standard deviations (n - 1) over the seeds that finished.
 """
 
 from __future__ import annotations
 
 import csv
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-
 from feddtl.bench.cells import METRICS, RL_DIAGNOSTICS, CellSummary, collect, domain_names, domain_stats
 from feddtl.bench.compare import PAPER_CLAIMS, REFERENCE, Verdict, claim_outcome, signed, verdict
+from feddtl.bench.paired import PAIRED_FIELDS, console_lines, paired_comparisons, paired_csv_rows, paired_sections
 from feddtl.bench.plots import plot_suite
+
 
 def _fmt(mean: float, std: float | None = None) -> str:
     if mean != mean:
@@ -55,6 +58,8 @@ def markdown_table(suite: dict[str, Any], cells: dict[tuple[str, str], CellSumma
         lines.append(f"| {m} | " + " | ".join(row) + " |")
     lines += ["", "Scenarios: " + "; ".join(f"`{sc['name']}` = {sc.get('title', sc['name'])}" for sc in scenarios), ""]
     lines += comparison_sections(suite, comparisons(suite, cells))
+    # the paired re-reading after the unpaired verdicts, so the two read side by side
+    lines += paired_sections(suite, paired_comparisons(suite, cells))
     for sc in scenarios:
         lines += [
             f"## {sc.get('title', sc['name'])} (`{sc['name']}`)",
@@ -226,9 +231,10 @@ def _write_csv(path: Path, fields: list[str], rows: list[dict[str, Any]]) -> Non
         writer.writerows(rows)
 
 
-def write_report(out: str | Path) -> list[Path]:
-    """Write table.md, table.csv, comparison.csv (if the suite has feddtl), domains.csv (if any domains)
-    and the plots; returns the files written."""
+def write_report(out: str | Path, echo: Callable[[str], None] | None = None) -> list[Path]:
+    """Write table.md, table.csv, comparison.csv and paired.csv (if the suite has feddtl), domains.csv (if
+    any domains) and the plots; returns the files written. ``echo`` gets the paired headline verdicts, a
+    line each."""
     out = Path(out)
     suite, cells = collect(out)
     written = [out / "table.md", out / "table.csv"]
@@ -238,6 +244,13 @@ def write_report(out: str | Path) -> list[Path]:
     if comparison:
         _write_csv(out / "comparison.csv", COMPARISON_FIELDS, comparison)
         written.append(out / "comparison.csv")
+    paired = paired_comparisons(suite, cells)
+    if paired:
+        _write_csv(out / "paired.csv", PAIRED_FIELDS, paired_csv_rows(paired))
+        written.append(out / "paired.csv")
+        if echo is not None:
+            for line in console_lines(paired):
+                echo(line)
     domain_rows = []
     for sc in suite.get("scenario", []):
         methods = suite.get("methods", [])

@@ -5,7 +5,7 @@ Layout of the output folder::
     DIR/suite.toml                          the suite file as run
     DIR/runs/<scenario>/<method>/seed<k>/   one run directory per cell (config.toml, metrics.jsonl, results.json)
     DIR/jobs/<scenario>-seed<k>.json|.log   what each worker ran (last sitting) and printed (every sitting)
-    DIR/table.md, table.csv, domains.csv, *.png   the report (`feddtl bench-report DIR` rebuilds it)
+    DIR/table.md, table.csv, comparison.csv, paired.csv, domains.csv, *.png   the report (`feddtl bench-report DIR` rebuilds it)
 
 A cell is finished when its run directory holds results.json and a config.toml equal to the cell's
 config (as text, or once loaded: a run from before a config section was added has the section's
