@@ -1,9 +1,11 @@
 """The server step of FedDTL (DESIGN.md, "One round", step 3).
 
-The server averages the clients' image LoRA by sample count, then trains its own text-encoder LoRA
-with cross-entropy on the image embeddings the clients uploaded: the text side moves toward the
-union of all clients' visual evidence instead of being pulled by each client alone. It then
-recomputes the class text embeddings for the next round.
+The server averages the clients' image LoRA by sample count (``algorithm.aggregation.weighted_average``;
+the robust rules of ``server.aggregation`` are in ``methods.robust_aggregation``), then trains its own
+text-encoder LoRA with cross-entropy on the image embeddings the clients uploaded: the text side moves
+toward the union of all clients' visual evidence instead of being pulled by each client alone. It then
+recomputes the class text embeddings for the next round. ``screen_embeddings`` is the optional check
+of the uploads against the global model's class geometry (``server.embedding_min_agreement``).
 """
 
 from __future__ import annotations
@@ -13,7 +15,6 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from feddtl.algorithm.aggregation import weighted_average
 from feddtl.algorithm.client import minibatches
 from feddtl.algorithm.encoding import text_embeddings
 from feddtl.algorithm.grpo import class_logits
@@ -22,9 +23,39 @@ from feddtl.config.server_config import ServerConfig
 from feddtl.backbones.base import Backbone, TextFeatures
 
 
-def aggregate_image_lora(updates: Sequence[ClientUpdate]) -> dict[str, torch.Tensor]:
-    """Delta W_v^t = sum_k (n_k / n) Delta W_v^k."""
-    return weighted_average([u.image_lora for u in updates], [u.num_samples for u in updates])
+def embedding_agreement(embeddings: torch.Tensor, labels: torch.Tensor, class_embeddings: torch.Tensor) -> float:
+    """Fraction of ``embeddings`` whose label is their nearest class text embedding (highest cosine) among
+    the classes in ``labels``: how well an upload agrees with the global model's class geometry.
+
+    Only the uploaded classes compete, so an honest client is judged on the distinction it trained on
+    (its own classes), not on the global model's confusion with classes it never saw. 1.0 when empty.
+    """
+    if len(labels) == 0:
+        return 1.0
+    classes = labels.unique()  # sorted
+    sims = embeddings.to(torch.float32) @ class_embeddings[classes].to(torch.float32).T
+    return float((classes[sims.argmax(dim=1)] == labels).to(torch.float64).mean())
+
+
+def screen_embeddings(
+    updates: Sequence[ClientUpdate], class_embeddings: torch.Tensor, min_agreement: float
+) -> tuple[list[ClientUpdate], list[float], list[dict[str, object]]]:
+    """(updates whose embeddings the text step may use, every update's agreement, the rejected ones as
+    {client, reason}). ``class_embeddings``: T of the global model the clients were sent this round."""
+    kept, agreements, rejected = [], [], []
+    for u in updates:
+        agreement = embedding_agreement(u.embeddings, u.labels, class_embeddings)
+        agreements.append(agreement)
+        if agreement >= min_agreement:
+            kept.append(u)
+        else:
+            classes = len(u.labels.unique())
+            rejected.append({
+                "client": u.client_id,
+                "reason": f"embedding agreement {agreement:.3f} below server.embedding_min_agreement = "
+                f"{min_agreement:g} (labels that are the nearest class text embedding among its {classes} classes)",
+            })
+    return kept, agreements, rejected
 
 
 def pooled_embeddings(updates: Sequence[ClientUpdate]) -> tuple[torch.Tensor, torch.Tensor]:
