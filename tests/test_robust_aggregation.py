@@ -175,7 +175,7 @@ def test_the_bound_counts_the_clients_of_a_round_not_all_clients():
         ("server.aggregation=mean", r"server\.aggregation='mean' is not allowed; allowed: 'fedavg', 'median', 'trimmed-mean', 'krum', 'multi-krum', 'bulyan'"),
         ("server.assumed_attackers=-1", r"server\.assumed_attackers must be >= 0, got -1"),
         ("server.multikrum_select=0", r"server\.multikrum_select must be >= 1 or none, got 0"),
-        ("server.embedding_min_agreement=1.5", r"server\.embedding_min_agreement must be in \(0, 1\] or none, got 1\.5"),
+        ("server.embedding_min_relative_agreement=1.5", r"server\.embedding_min_relative_agreement must be in \(0, 1\] or none, got 1\.5"),
     ],
 )
 def test_bad_server_keys_name_the_key_and_what_is_allowed(override, message):

@@ -5,13 +5,14 @@ the robust rules of ``server.aggregation`` are in ``methods.robust_aggregation``
 text-encoder LoRA with cross-entropy on the image embeddings the clients uploaded: the text side moves
 toward the union of all clients' visual evidence instead of being pulled by each client alone. It then
 recomputes the class text embeddings for the next round. ``screen_embeddings`` is the optional check
-of the uploads against the global model's class geometry (``server.embedding_min_agreement``).
+of the uploads against the global model's class geometry (``server.embedding_min_relative_agreement``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -38,22 +39,26 @@ def embedding_agreement(embeddings: torch.Tensor, labels: torch.Tensor, class_em
 
 
 def screen_embeddings(
-    updates: Sequence[ClientUpdate], class_embeddings: torch.Tensor, min_agreement: float
+    updates: Sequence[ClientUpdate], class_embeddings: torch.Tensor, min_relative_agreement: float
 ) -> tuple[list[ClientUpdate], list[float], list[dict[str, object]]]:
     """(updates whose embeddings the text step may use, every update's agreement, the rejected ones as
-    {client, reason}). ``class_embeddings``: T of the global model the clients were sent this round."""
-    kept, agreements, rejected = [], [], []
-    for u in updates:
-        agreement = embedding_agreement(u.embeddings, u.labels, class_embeddings)
-        agreements.append(agreement)
-        if agreement >= min_agreement:
+    {client, reason}). ``class_embeddings``: T of the global model the clients were sent this round.
+
+    An upload is rejected when its agreement is below ``min_relative_agreement`` x the round's median
+    agreement: the median stays among the honest clients while they are more than half.
+    """
+    agreements = [embedding_agreement(u.embeddings, u.labels, class_embeddings) for u in updates]
+    median = float(np.median(agreements)) if agreements else 0.0
+    floor = min_relative_agreement * median
+    kept, rejected = [], []
+    for u, agreement in zip(updates, agreements):
+        if agreement >= floor:
             kept.append(u)
         else:
-            classes = len(u.labels.unique())
             rejected.append({
                 "client": u.client_id,
-                "reason": f"embedding agreement {agreement:.3f} below server.embedding_min_agreement = "
-                f"{min_agreement:g} (labels that are the nearest class text embedding among its {classes} classes)",
+                "reason": f"embedding agreement {agreement:.3f} below {min_relative_agreement:g} x the round's median "
+                f"{median:.3f} (server.embedding_min_relative_agreement)",
             })
     return kept, agreements, rejected
 

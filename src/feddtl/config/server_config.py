@@ -43,11 +43,14 @@ class ServerConfig:
     every coordinate) and median more than 2f. Ignored by fedavg."""
     multikrum_select: int | None = None
     """How many updates multi-krum averages; None: n - f (the round's updates minus the assumed attackers)."""
-    embedding_min_agreement: float | None = None
-    """The embedding check (FedDTL's uploads): the fraction of a client's uploaded embeddings whose label
-    is the nearest class text embedding of the global model among the classes it uploaded must reach this,
-    or its embeddings are left out of the text step (recorded in metrics.jsonl as embeddings_rejected).
-    None: off (every valid upload is used)."""
+    embedding_min_relative_agreement: float | None = None
+    """The embedding check (FedDTL's uploads). A client's agreement is the fraction of its uploaded
+    embeddings whose label is their nearest class text embedding of the global model (the T it was sent),
+    among the classes it uploaded; an upload whose agreement is below this fraction of the round's median
+    agreement is left out of the text step (its image LoRA still goes to server.aggregation) and recorded
+    in metrics.jsonl as embeddings_rejected. Relative to the round, not absolute: at the start the global
+    geometry may send every embedding to one class (the `lite` backbone on digits does), and an absolute
+    bound would reject every honest client. None: off."""
     text_epochs: int = 1
     """Passes over the round's uploaded embeddings (ours; the paper does not give it)."""
     text_lr: float = 1e-3
@@ -60,9 +63,9 @@ class ServerConfig:
             raise ValueError(f"server.assumed_attackers must be >= 0, got {self.assumed_attackers}")
         if self.multikrum_select is not None and self.multikrum_select < 1:
             raise ValueError(f"server.multikrum_select must be >= 1 or none, got {self.multikrum_select}")
-        if self.embedding_min_agreement is not None and not 0 < self.embedding_min_agreement <= 1:
+        if self.embedding_min_relative_agreement is not None and not 0 < self.embedding_min_relative_agreement <= 1:
             raise ValueError(
-                f"server.embedding_min_agreement must be in (0, 1] or none, got {self.embedding_min_agreement}"
+                f"server.embedding_min_relative_agreement must be in (0, 1] or none, got {self.embedding_min_relative_agreement}"
             )
         if self.text_epochs < 0:
             raise ValueError(f"server.text_epochs must be >= 0, got {self.text_epochs}")

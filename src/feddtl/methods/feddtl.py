@@ -55,9 +55,9 @@ class FedDTL(Method):
             self.sft_reference = self.image_lora
         server = self.config.server
         uploads = list(updates)
-        if server.embedding_min_agreement is not None:
+        if server.embedding_min_relative_agreement is not None:
             # judged against T of the global model the clients were sent (before this round's text step)
-            uploads, agreements, rejected = screen_embeddings(updates, self.base_T, server.embedding_min_agreement)
+            uploads, agreements, rejected = screen_embeddings(updates, self.base_T, server.embedding_min_relative_agreement)
             metrics["embedding_agreement"] = agreements
             if rejected:
                 metrics["embeddings_rejected"] = rejected
