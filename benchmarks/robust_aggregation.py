@@ -44,6 +44,7 @@ BASE = [
     "client.switch_round=3",
     "eval.every=6",
     "robustness.max_update_norm=1.0",
+    "data.test_per_class=50",
 ]
 ATTACKERS = [0, 1]
 RULES = ["fedavg", "median", "trimmed-mean", "krum", "multi-krum", "bulyan"]
@@ -52,48 +53,48 @@ MIN_AGREEMENT = 0.5
 """server.embedding_min_relative_agreement of the embedding-check cells."""
 
 
-def cells(seed: int) -> list[tuple[str, list[str]]]:
-    """(name, overrides) of every run of one seed."""
-    attack = lambda mode: [] if mode == "none" else [f"faults.mode={mode}", f"faults.clients={ATTACKERS}"]  # noqa: E731
+def cells() -> list[tuple[str, list[str], list[int]]]:
+    """(name, overrides, attacking clients) of every run of one seed."""
+
+    def attack(mode: str) -> list[str]:
+        return [] if mode == "none" else [f"faults.mode={mode}", f"faults.clients={ATTACKERS}"]
+
     out = []
     for rule in RULES:
         for mode in WEIGHT_ATTACKS:
-            out.append((f"{rule}-{mode}", [f"server.aggregation={rule}", f"server.assumed_attackers={len(ATTACKERS)}", *attack(mode)]))
-    for mode in ("none", "label_flip"):
-        for check in (False, True):
-            if mode == "none" and not check:
-                continue  # the same run as fedavg-none
-            name = f"fedavg-{mode}-check" if check else f"fedavg-{mode}"
-            out.append((name, [*attack(mode), *([f"server.embedding_min_relative_agreement={MIN_AGREEMENT}"] if check else [])]))
+            overrides = [f"server.aggregation={rule}", f"server.assumed_attackers={len(ATTACKERS)}", *attack(mode)]
+            out.append((f"{rule}-{mode}", overrides, [] if mode == "none" else ATTACKERS))
+    check = [f"server.embedding_min_relative_agreement={MIN_AGREEMENT}"]
+    out.append(("fedavg-none-check", check, []))  # fedavg-none (above) is the check-off run without attack
+    out.append(("fedavg-label_flip", attack("label_flip"), ATTACKERS))
+    out.append(("fedavg-label_flip-check", [*attack("label_flip"), *check], ATTACKERS))
     return out
 
 
-def cell_stats(run: Path) -> dict[str, Any]:
+def cell_stats(run: Path, attackers: list[int]) -> dict[str, Any]:
     """Final accuracy and, over the rounds, what the defences kept and dropped."""
     results = json.loads((run / "results.json").read_text())
     rows = RunDir(run).read_metrics()
-    selected = [r["aggregation_selected"] for r in rows if "aggregation_selected" in r]
-    honest_rejected = attacker_rejected = honest_uploads = 0
-    agreements: dict[str, list[float]] = {"honest": [], "attacker": []}
-    for r in rows:
-        rejected = {e["client"] for e in r.get("embeddings_rejected", [])}
-        for k, a in zip(r["accepted"], r.get("embedding_agreement", [])):
-            agreements["attacker" if k in ATTACKERS else "honest"].append(a)
-        honest = [k for k in r["accepted"] if k not in ATTACKERS]
-        honest_uploads += len(honest) if "embedding_agreement" in r else 0
-        honest_rejected += len(rejected - set(ATTACKERS))
-        attacker_rejected += len(rejected & set(ATTACKERS))
-    return {
+    picked = [r["aggregation_selected"] for r in rows if "aggregation_selected" in r]
+    stats: dict[str, Any] = {
         "base": results["base_acc"], "novel": results["novel_acc"], "hm": results["hm"], "local": results["local_acc"],
-        "rounds_with_an_attacker_selected": sum(bool(set(s) & set(ATTACKERS)) for s in selected) if selected else None,
-        "rounds_skipped": sum("aggregation_skipped" in r for r in rows),
-        "update_norm_max": max(r["update_norm_max"] for r in rows),
-        "honest_uploads_checked": honest_uploads,
-        "honest_uploads_rejected": honest_rejected,
-        "attacker_uploads_rejected": attacker_rejected,
-        "agreement": {k: [min(v), float(np.median(v))] if v else None for k, v in agreements.items()},
         "rounds": len(rows),
+        "rounds_skipped": sum("aggregation_skipped" in r for r in rows),
+        "rounds_an_attacker_picked": sum(bool(set(p) & set(attackers)) for p in picked) if picked else None,
+        "update_norm_max": max(r["update_norm_max"] for r in rows),
+        "honest_checked": 0, "honest_rejected": 0, "attacker_checked": 0, "attacker_rejected": 0,
+        "agreement_honest": [], "agreement_attacker": [],
     }
+    for r in rows:
+        if "embedding_agreement" not in r:
+            continue
+        rejected = {e["client"] for e in r.get("embeddings_rejected", [])}
+        for k, agreement in zip(r["accepted"], r["embedding_agreement"]):
+            role = "attacker" if k in attackers else "honest"
+            stats[f"{role}_checked"] += 1
+            stats[f"{role}_rejected"] += k in rejected
+            stats[f"agreement_{role}"].append(agreement)
+    return stats
 
 
 def run_seed(seed: int, out: Path, log, only: list[str] | None = None) -> dict[str, dict[str, Any]]:
@@ -102,7 +103,7 @@ def run_seed(seed: int, out: Path, log, only: list[str] | None = None) -> dict[s
     snapshot = (fed.backbone.image_lora_state(), fed.backbone.text_lora_state(), torch.get_rng_state())
     log(f"seed {seed}: federation built in {time.perf_counter() - started:.0f} s ({time.process_time() - cpu:.0f} s CPU)")
     stats = {}
-    for name, overrides in cells(seed):
+    for name, overrides, attackers in cells():
         if only is not None and name not in only:
             continue
         t0, c0 = time.perf_counter(), time.process_time()
@@ -112,49 +113,65 @@ def run_seed(seed: int, out: Path, log, only: list[str] | None = None) -> dict[s
         torch.set_rng_state(snapshot[2])
         run = out / f"s{seed}" / name
         run_experiment(config, run, progress=False, log_fn=lambda s: None, fed=dataclasses.replace(fed, config=config))
-        stats[name] = {**cell_stats(run), "wall_s": time.perf_counter() - t0, "cpu_s": time.process_time() - c0}
+        stats[name] = {**cell_stats(run, attackers), "wall_s": time.perf_counter() - t0, "cpu_s": time.process_time() - c0}
         s = stats[name]
         log(f"seed {seed} {name}: Base {s['base']:.2f} Novel {s['novel']:.2f} HM {s['hm']:.2f} "
             f"[{s['wall_s']:.0f} s, {s['cpu_s']:.0f} s CPU]")
     return stats
 
 
-def _mean(stats: dict[int, dict[str, dict[str, Any]]], cell: str, key: str) -> float:
-    return float(np.mean([s[cell][key] for s in stats.values()]))
+Stats = dict[int, dict[str, dict[str, Any]]]
+"""seed -> cell -> cell_stats."""
 
 
-def table(stats: dict[int, dict[str, dict[str, Any]]]) -> str:
-    """Markdown: HM (Base / Novel) per rule and attack, mean over seeds; the embedding check's counts."""
-    seeds = sorted(stats)
-    first = stats[seeds[0]]
+def _accuracy(stats: Stats, cell: str) -> str:
+    """HM mean ± sample std over seeds (Base / Novel means)."""
+    hm = [s[cell]["hm"] for s in stats.values()]
+    spread = f" ± {np.std(hm, ddof=1):.2f}" if len(hm) > 1 else ""
+    base, novel = (np.mean([s[cell][k] for s in stats.values()]) for k in ("base", "novel"))
+    return f"{np.mean(hm):.2f}{spread} ({base:.1f} / {novel:.1f})"
+
+
+def _total(stats: Stats, cell: str, key: str) -> int:
+    return sum(s[cell][key] for s in stats.values())
+
+
+def table(stats: Stats) -> str:
+    """Markdown: HM per rule and attack (mean over seeds); the embedding check's rejections."""
     lines = [
         "| aggregation | no attack | sign_flip | scaled | collude | rounds an attacker was picked (sign_flip / scaled / collude) |",
         "|---|---|---|---|---|---|",
     ]
     for rule in RULES:
-        cols = [f"{_mean(stats, f'{rule}-{m}', 'hm'):.2f} ({_mean(stats, f'{rule}-{m}', 'base'):.1f} / "
-                f"{_mean(stats, f'{rule}-{m}', 'novel'):.1f})" for m in WEIGHT_ATTACKS]
-        picked = [first[f"{rule}-{m}"]["rounds_with_an_attacker_selected"] for m in WEIGHT_ATTACKS[1:]]
-        rounds = first[f"{rule}-none"]["rounds"]
-        lines.append(f"| {rule} | " + " | ".join(cols) + " | "
-                     + (" / ".join(f"{sum(stats[s][f'{rule}-{m}']['rounds_with_an_attacker_selected'] for s in seeds)} of {rounds * len(seeds)}" for m in WEIGHT_ATTACKS[1:]) if picked[0] is not None else "n/a") + " |")
+        picked = "n/a (coordinate-wise)"
+        if any(s[f"{rule}-sign_flip"]["rounds_an_attacker_picked"] is not None for s in stats.values()):
+            rounds = _total(stats, f"{rule}-none", "rounds")
+            picked = " / ".join(f"{_total(stats, f'{rule}-{m}', 'rounds_an_attacker_picked')} of {rounds}" for m in WEIGHT_ATTACKS[1:])
+        lines.append(f"| {rule} | " + " | ".join(_accuracy(stats, f"{rule}-{m}") for m in WEIGHT_ATTACKS) + f" | {picked} |")
     lines += [
         "",
-        f"| embedding check (fedavg) | HM (Base / Novel) | honest uploads rejected | attacker uploads rejected | agreement, honest: min / median | attacker: min / median |",
+        "| embedding check (fedavg) | HM (Base / Novel) | honest uploads rejected | attacker uploads rejected "
+        "| honest agreement: min / median | attacker agreement: min / median |",
         "|---|---|---|---|---|---|",
     ]
-    for cell, title in (("fedavg-none", "off, no attack"), ("fedavg-none-check", f"on ({MIN_AGREEMENT}), no attack"),
-                        ("fedavg-label_flip", "off, label_flip"), ("fedavg-label_flip-check", f"on ({MIN_AGREEMENT}), label_flip")):
-        checked = sum(stats[s][cell]["honest_uploads_checked"] for s in seeds)
-        rej = sum(stats[s][cell]["honest_uploads_rejected"] for s in seeds)
-        att = sum(stats[s][cell]["attacker_uploads_rejected"] for s in seeds)
-        ag = first[cell]["agreement"]
-        fmt = lambda v: f"{v[0]:.2f} / {v[1]:.2f}" if v else "n/a"  # noqa: E731
+
+    def share(cell: str, role: str) -> str:
+        checked = _total(stats, cell, f"{role}_checked")
+        return f"{_total(stats, cell, f'{role}_rejected')} of {checked}" if checked else "n/a"
+
+    def spread(cell: str, role: str) -> str:
+        values = [a for s in stats.values() for a in s[cell][f"agreement_{role}"]]
+        return f"{min(values):.2f} / {np.median(values):.2f}" if values else "n/a"
+
+    for cell, title in (
+        ("fedavg-none", "off, no attack"),
+        ("fedavg-none-check", f"on ({MIN_AGREEMENT}), no attack"),
+        ("fedavg-label_flip", "off, label_flip"),
+        ("fedavg-label_flip-check", f"on ({MIN_AGREEMENT}), label_flip"),
+    ):
         lines.append(
-            f"| {title} | {_mean(stats, cell, 'hm'):.2f} ({_mean(stats, cell, 'base'):.1f} / {_mean(stats, cell, 'novel'):.1f}) | "
-            + (f"{rej} of {checked}" if checked else "n/a") + " | "
-            + (f"{att} of {len(ATTACKERS) * first[cell]['rounds'] * len(seeds)}" if checked and "label_flip" in cell else ("0" if checked else "n/a"))
-            + f" | {fmt(ag['honest'])} | {fmt(ag['attacker'])} |"
+            f"| {title} | {_accuracy(stats, cell)} | {share(cell, 'honest')} | {share(cell, 'attacker')} "
+            f"| {spread(cell, 'honest')} | {spread(cell, 'attacker')} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -164,7 +181,12 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/robust"))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--only", nargs="+", help="run only these cells (names as in the log); no table")
+    parser.add_argument("--table", action="store_true", help="only print the table of <out>/summary.json")
     args = parser.parse_args()
+    if args.table:
+        stats = {int(k): v for k, v in json.loads((args.out / "summary.json").read_text()).items()}
+        print(table(stats))
+        return
     args.out.mkdir(parents=True, exist_ok=True)
     log_path = args.out / "log.txt"
 
