@@ -16,7 +16,7 @@ from feddtl.algorithm.messages import ClientTask, ClientUpdate
 from feddtl.algorithm.server import embedding_agreement, screen_embeddings
 from feddtl.algorithm.validation import UpdateSpec, update_norm, validate_update
 from feddtl.backbones.tiny_clip import build_tiny_clip
-from feddtl.config import load_config
+from feddtl.config import ConfigError, load_config
 from feddtl.config.faults_config import FaultConfig
 from feddtl.federation import build_federation
 from feddtl.server.experiment import build_method
@@ -133,6 +133,18 @@ def test_colluders_send_the_first_colluders_sign_flip_and_keep_their_own_identit
     next_lead = clients.step(dataclasses.replace(task, round=2), 0)
     next_follower = clients.step(dataclasses.replace(task, round=2), 2)
     assert next_follower.image_lora["w"] is next_lead.image_lora["w"] and next_lead.image_lora["w"] is not lead.image_lora["w"]
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["faults.mode=collude", "faults.clients=[1]"], r'faults\.mode = "collude" needs at least two faults\.clients \(or none: all\), got \[1\]'),
+        (["faults.attack_scale=0"], r"faults\.attack_scale must be > 0, got 0"),
+    ],
+)
+def test_bad_attack_settings_are_config_errors(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config("tiny", overrides)
 
 
 # ----- the embedding check ---------------------------------------------------------------------------

@@ -82,6 +82,8 @@ class FaultConfig:
         bad = [t for t in self.rounds or [] if not 1 <= t <= rounds]
         if bad:
             raise ValueError(f"faults.rounds {bad} are not rounds; allowed: 1..{rounds}")
+        if self.mode == "collude" and self.clients is not None and len(set(self.clients)) < 2:
+            raise ValueError(f'faults.mode = "collude" needs at least two faults.clients (or none: all), got {self.clients}')
         if self.mode == "timeout" and robustness.client_timeout_s is None:
             raise ValueError('faults.mode = "timeout" needs robustness.client_timeout_s (a client can only time out under a limit)')
         if self.mode == "huge_norm" and robustness.max_update_norm is None and robustness.validate_updates:
