@@ -44,7 +44,7 @@ BASE = [
     "client.switch_round=3",
     "eval.every=6",
     "robustness.max_update_norm=1.0",
-    "data.test_per_class=50",
+    "data.test_per_class=50",  # above the digits test split's 36 a class: every test image
 ]
 ATTACKERS = [0, 1]
 RULES = ["fedavg", "median", "trimmed-mean", "krum", "multi-krum", "bulyan"]
