@@ -151,6 +151,77 @@ def test_too_few_clients_stop_the_run_with_a_resumable_checkpoint(bundle, base_o
     assert checkpoint is not None and checkpoint.round == 1 and len(checkpoint.rows) == 1
 
 
+# ----- attacks: well-formed updates that pass validation; robust aggregation is what meets them -------
+
+ATTACKS = [
+    # (fault mode, hit clients, extra overrides, what the row shows)
+    ("sign_flip", [1], ["server.aggregation=krum"], "krum picks an honest client"),
+    ("scaled", [1], [], "accepted at 0.99 of the bound"),
+    ("label_flip", [1], [], "accepted: the labels are its own classes"),
+    ("collude", [0, 1], ["server.aggregation=median"], "both accepted at 0.99 of the bound"),
+]
+
+
+@pytest.mark.parametrize("mode,hit,extra,shows", ATTACKS, ids=[r[0] for r in ATTACKS])
+def test_attack_passes_validation_inside_the_norm_bound(bundle, base_overrides, baseline, tmp_path, mode, hit, extra, shows):
+    # prepare: a bound twice the largest honest norm of the fault-free round 2, and an attack 100x a client's
+    # change, so every weight attack must be shrunk to just inside the bound
+    bound = 2 * baseline[-1]["update_norm_max"]
+    overrides = [f"faults.mode={mode}", f"faults.clients={hit}", "faults.rounds=[2]", "faults.attack_scale=100",
+                 f"robustness.max_update_norm={bound}", *extra]
+    # execute
+    rows, method = run_with(bundle, base_overrides, tmp_path, overrides)
+    # assert: nothing failed or was rejected, every client was aggregated; with FedAvg, round 1 is the fault-free one
+    last = rows[-1]
+    assert last["accepted"] == [0, 1, 2] and "rejected" not in last and "failed" not in last
+    assert all(torch.isfinite(v).all() for v in method.state_dict().values())
+    if not extra:
+        assert result_fields(RunDir(tmp_path).read_metrics()[0]) == result_fields(baseline[0])
+    if mode == "label_flip":
+        assert last["update_norm_max"] == baseline[-1]["update_norm_max"]  # the weights are the honest ones
+    else:
+        assert last["update_norm_max"] == pytest.approx(0.99 * bound, rel=1e-5)
+    if mode == "sign_flip":
+        assert len(last["aggregation_selected"]) == 1 and last["aggregation_selected"] != [1]
+
+
+@pytest.fixture(scope="module")
+def bundle7(base_overrides):
+    """Seven IID clients: the fewest for Bulyan with one assumed attacker (4f + 3)."""
+    fed = build_federation(load_config("tiny", [*base_overrides, "num_clients=7", "partition=iid"]), log_fn=lambda s: None)
+    return fed, fed.backbone.image_lora_state(), fed.backbone.text_lora_state()
+
+
+def _image_distance(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    return float(sum((a[k].double() - b[k].double()).square().sum() for k in a if k.startswith("image.")) ** 0.5)
+
+
+SEVEN = ["num_clients=7", "partition=iid"]
+SIGN_FLIP_1 = ["faults.mode=sign_flip", "faults.clients=[1]", "server.assumed_attackers=1"]
+
+
+@pytest.fixture(scope="module")
+def seven_references(bundle7, base_overrides, tmp_path_factory):
+    """(fault-free FedAvg, FedAvg under the attack) state dicts of the seven-client runs."""
+    clean = run_with(bundle7, [*base_overrides, *SEVEN], tmp_path_factory.mktemp("clean"), [])[1].state_dict()
+    attacked = run_with(bundle7, [*base_overrides, *SEVEN], tmp_path_factory.mktemp("fedavg"), SIGN_FLIP_1)[1].state_dict()
+    return clean, attacked
+
+
+@pytest.mark.parametrize("rule", ["median", "trimmed-mean", "krum", "multi-krum", "bulyan"])
+def test_robust_rule_resists_a_sign_flipping_client(bundle7, base_overrides, seven_references, tmp_path, rule):
+    # prepare: client 1 of 7 sends its change negated x 10 in both rounds; f = 1
+    clean, fedavg = seven_references
+    # execute
+    rows, robust = run_with(bundle7, [*base_overrides, *SEVEN], tmp_path, [*SIGN_FLIP_1, f"server.aggregation={rule}"])
+    # assert: the attack moves FedAvg's image LoRA; the robust rule ends nearer the fault-free model, and the
+    # selecting rules never picked client 1
+    assert _image_distance(robust.state_dict(), clean) < 0.5 * _image_distance(fedavg, clean)
+    assert all(r["accepted"] == list(range(7)) for r in rows)
+    if rule in ("krum", "multi-krum"):
+        assert all(1 not in r["aggregation_selected"] for r in rows)
+
+
 # ----- load-time faults: a clear error (or a warning and a skipped file) before any training -----
 
 

@@ -1,19 +1,21 @@
 """The server step of FedDTL (DESIGN.md, "One round", step 3).
 
-The server averages the clients' image LoRA by sample count, then trains its own text-encoder LoRA
-with cross-entropy on the image embeddings the clients uploaded: the text side moves toward the
-union of all clients' visual evidence instead of being pulled by each client alone. It then
-recomputes the class text embeddings for the next round.
+The server averages the clients' image LoRA by sample count (``algorithm.aggregation.weighted_average``;
+the robust rules of ``server.aggregation`` are in ``methods.robust_aggregation``), then trains its own
+text-encoder LoRA with cross-entropy on the image embeddings the clients uploaded: the text side moves
+toward the union of all clients' visual evidence instead of being pulled by each client alone. It then
+recomputes the class text embeddings for the next round. ``screen_embeddings`` is the optional check
+of the uploads against the global model's class geometry (``server.embedding_min_relative_agreement``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-from feddtl.algorithm.aggregation import weighted_average
 from feddtl.algorithm.client import minibatches
 from feddtl.algorithm.encoding import text_embeddings
 from feddtl.algorithm.grpo import class_logits
@@ -22,9 +24,43 @@ from feddtl.config.server_config import ServerConfig
 from feddtl.backbones.base import Backbone, TextFeatures
 
 
-def aggregate_image_lora(updates: Sequence[ClientUpdate]) -> dict[str, torch.Tensor]:
-    """Delta W_v^t = sum_k (n_k / n) Delta W_v^k."""
-    return weighted_average([u.image_lora for u in updates], [u.num_samples for u in updates])
+def embedding_agreement(embeddings: torch.Tensor, labels: torch.Tensor, class_embeddings: torch.Tensor) -> float:
+    """Fraction of ``embeddings`` whose label is their nearest class text embedding (highest cosine) among
+    the classes in ``labels``: how well an upload agrees with the global model's class geometry.
+
+    Only the uploaded classes compete, so an honest client is judged on the distinction it trained on
+    (its own classes), not on the global model's confusion with classes it never saw. 1.0 when empty.
+    """
+    if len(labels) == 0:
+        return 1.0
+    classes = labels.unique()  # sorted
+    sims = embeddings.to(torch.float32) @ class_embeddings[classes].to(torch.float32).T
+    return float((classes[sims.argmax(dim=1)] == labels).to(torch.float64).mean())
+
+
+def screen_embeddings(
+    updates: Sequence[ClientUpdate], class_embeddings: torch.Tensor, min_relative_agreement: float
+) -> tuple[list[ClientUpdate], list[float], list[dict[str, object]]]:
+    """(updates whose embeddings the text step may use, every update's agreement, the rejected ones as
+    {client, reason}). ``class_embeddings``: T of the global model the clients were sent this round.
+
+    An upload is rejected when its agreement is below ``min_relative_agreement`` x the round's median
+    agreement: the median stays among the honest clients while they are more than half.
+    """
+    agreements = [embedding_agreement(u.embeddings, u.labels, class_embeddings) for u in updates]
+    median = float(np.median(agreements)) if agreements else 0.0
+    floor = min_relative_agreement * median
+    kept, rejected = [], []
+    for u, agreement in zip(updates, agreements):
+        if agreement >= floor:
+            kept.append(u)
+        else:
+            rejected.append({
+                "client": u.client_id,
+                "reason": f"embedding agreement {agreement:.3f} below {min_relative_agreement:g} x the round's median "
+                f"{median:.3f} (server.embedding_min_relative_agreement)",
+            })
+    return kept, agreements, rejected
 
 
 def pooled_embeddings(updates: Sequence[ClientUpdate]) -> tuple[torch.Tensor, torch.Tensor]:

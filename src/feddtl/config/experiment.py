@@ -89,6 +89,11 @@ class ExperimentConfig:
     flower: FlowerConfig = field(default_factory=FlowerConfig)
 
     @property
+    def clients_per_round(self) -> int:
+        """Clients selected each round: ``client_fraction`` of ``num_clients``, rounded, at least one."""
+        return min(self.num_clients, max(1, int(round(self.client_fraction * self.num_clients))))
+
+    @property
     def switch_round(self) -> int:
         """M, resolved: rounds <= M run SFT."""
         m = self.client.switch_round
@@ -148,6 +153,10 @@ class ExperimentConfig:
                 section.validate()
             except ValueError as exc:
                 raise ConfigError(str(exc)) from None
+        try:
+            self.server.validate_round_size(self.clients_per_round)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
         try:
             self.faults.validate(self.num_clients, self.rounds, self.robustness)
         except ValueError as exc:

@@ -17,6 +17,7 @@ from feddtl.algorithm.client import ClientData
 from feddtl.algorithm.messages import ClientTask, ClientUpdate
 from feddtl.backbones.base import Backbone, TextFeatures
 from feddtl.config import ExperimentConfig
+from feddtl.methods.robust_aggregation import State, aggregate_states
 
 
 @dataclass
@@ -62,8 +63,15 @@ class Method(abc.ABC):
         """One local round on one client. Static: it must not touch server state (it runs remotely on Flower)."""
 
     @abc.abstractmethod
-    def server_update(self, updates: Sequence[ClientUpdate], round_num: int) -> dict[str, float]:
-        """Aggregate a round's updates into the global state; returns server metrics."""
+    def server_update(self, updates: Sequence[ClientUpdate], round_num: int) -> dict[str, Any]:
+        """Aggregate a round's updates into the global state; returns server metrics (metrics-row entries)."""
+
+    def aggregate(self, updates: Sequence[ClientUpdate], states: Sequence[State]) -> tuple[State | None, dict[str, Any]]:
+        """``states`` (one per update, the tensors the method shares) combined by ``server.aggregation``:
+        (aggregate, or None when the round is below the robust rule's bound and the global stays; metrics)."""
+        return aggregate_states(
+            states, [u.num_samples for u in updates], [u.client_id for u in updates], self.config.server
+        )
 
     @abc.abstractmethod
     def prepare_eval(self) -> tuple[torch.Tensor, torch.Tensor]:

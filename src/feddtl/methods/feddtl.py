@@ -9,7 +9,7 @@ import torch
 
 from feddtl.algorithm.client import ClientData, client_step
 from feddtl.algorithm.messages import ClientTask, ClientUpdate
-from feddtl.algorithm.server import aggregate_image_lora, class_embeddings, pooled_embeddings, text_alignment_step
+from feddtl.algorithm.server import class_embeddings, pooled_embeddings, screen_embeddings, text_alignment_step
 from feddtl.backbones.base import Backbone
 from feddtl.config import ExperimentConfig
 from feddtl.methods.base import Method, ServerContext
@@ -47,14 +47,27 @@ class FedDTL(Method):
     ) -> ClientUpdate:
         return client_step(backbone, data, task, config.client, config.grpo, seed)
 
-    def server_update(self, updates: Sequence[ClientUpdate], round_num: int) -> dict[str, float]:
-        self.image_lora = aggregate_image_lora(updates)
+    def server_update(self, updates: Sequence[ClientUpdate], round_num: int) -> dict[str, Any]:
+        image_lora, metrics = self.aggregate(updates, [u.image_lora for u in updates])
+        if image_lora is not None:  # None: too few updates for the robust rule; the global LoRA stays
+            self.image_lora = image_lora
         if round_num == self.config.switch_round:
             self.sft_reference = self.image_lora
-        embeddings, labels = pooled_embeddings(updates)
-        metrics = text_alignment_step(
-            self.backbone, self.ctx.base_text, embeddings, labels, self.text_optimizer, self.config.server, self.generator
-        )
+        server = self.config.server
+        uploads = list(updates)
+        if server.embedding_min_relative_agreement is not None:
+            # judged against T of the global model the clients were sent (before this round's text step)
+            uploads, agreements, rejected = screen_embeddings(updates, self.base_T, server.embedding_min_relative_agreement)
+            metrics["embedding_agreement"] = agreements
+            if rejected:
+                metrics["embeddings_rejected"] = rejected
+        if not uploads:
+            metrics["uploaded_embeddings"] = 0.0  # every upload rejected: no text step this round
+            return metrics
+        embeddings, labels = pooled_embeddings(uploads)
+        metrics.update(text_alignment_step(
+            self.backbone, self.ctx.base_text, embeddings, labels, self.text_optimizer, server, self.generator
+        ))
         self.base_T = class_embeddings(self.backbone, self.ctx.base_text)
         return metrics
 

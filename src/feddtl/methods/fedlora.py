@@ -18,7 +18,6 @@ from typing import Any
 
 import torch
 
-from feddtl.algorithm.aggregation import weighted_average
 from feddtl.algorithm.client import ClientData, rl_reference_logprobs
 from feddtl.algorithm.encoding import text_embeddings
 from feddtl.algorithm.messages import ClientTask, ClientUpdate
@@ -29,6 +28,8 @@ from feddtl.methods.base import Method, ServerContext
 from feddtl.methods.state import prefixed, unprefixed
 from feddtl.methods.text_side import client_base_text, text_rl_epochs, text_sft_epochs
 
+IMAGE = "image"
+"""Prefix of the image LoRA in the joint state the server aggregates."""
 TEXT = "text"
 """Prefix of the global (task) and local (update) text LoRA in ``extra``."""
 TEXT_REF = "sft_reference_text"
@@ -122,13 +123,21 @@ class FedLoRA(Method):
         # the local text LoRA, checked against the global one sent
         return {k: v for k, v in task.extra.items() if k.startswith(TEXT + ".")}
 
-    def server_update(self, updates: Sequence[ClientUpdate], round_num: int) -> dict[str, float]:
-        weights = [u.num_samples for u in updates]
-        self.image_lora = weighted_average([u.image_lora for u in updates], weights)
-        self.text_lora = weighted_average([unprefixed(u.extra, TEXT, list(self.text_lora)) for u in updates], weights)
+    def server_update(self, updates: Sequence[ClientUpdate], round_num: int) -> dict[str, Any]:
+        # One state per client, image and text LoRA together: a selecting rule (Krum) keeps or drops a
+        # client's whole update, never its image half from one client and its text half from another.
+        # FedAvg works key by key, so this is the same arithmetic as averaging the two apart.
+        states = [
+            {**prefixed(u.image_lora, IMAGE), **prefixed(unprefixed(u.extra, TEXT, list(self.text_lora)), TEXT)}
+            for u in updates
+        ]
+        state, metrics = self.aggregate(updates, states)
+        if state is not None:  # None: too few updates for the robust rule; the global LoRA stays
+            self.image_lora = unprefixed(state, IMAGE, list(self.image_lora))
+            self.text_lora = unprefixed(state, TEXT, list(self.text_lora))
         if self.two_stage and round_num == self.config.switch_round:
             self.sft_reference = (self.image_lora, self.text_lora)
-        return {}
+        return metrics
 
     def prepare_eval(self) -> tuple[torch.Tensor, torch.Tensor]:
         self.backbone.load_image_lora(self.image_lora)

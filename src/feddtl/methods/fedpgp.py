@@ -28,7 +28,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from feddtl.algorithm.aggregation import weighted_average
 from feddtl.algorithm.client import ClientData
 from feddtl.algorithm.encoding import text_embeddings
 from feddtl.algorithm.messages import ClientTask, ClientUpdate
@@ -137,15 +136,17 @@ class FedPGP(Method):
             backbone, data, metrics, {k: p.detach().cpu().clone() for k, p in zip(PERSONAL_KEYS, (sigma, u, v))}
         )
 
-    def server_update(self, updates: Sequence[ClientUpdate], round_num: int) -> dict[str, float]:
+    def server_update(self, updates: Sequence[ClientUpdate], round_num: int) -> dict[str, Any]:
         for update in updates:
             if not 0 <= update.client_id < len(self.personal):
                 raise ValueError(f"update from client id {update.client_id}, outside 0..{len(self.personal) - 1}")
-        states = [{"sigma": u.extra["sigma"]} for u in updates]
-        self.sigma = weighted_average(states, [u.num_samples for u in updates])["sigma"]
+        # the shared sigma goes through server.aggregation; U, V are personal and never aggregated
+        state, metrics = self.aggregate(updates, [{"sigma": u.extra["sigma"]} for u in updates])
+        if state is not None:  # None: too few updates for the robust rule; the global sigma stays
+            self.sigma = state["sigma"]
         for update in updates:  # personal: each client's own, never averaged
             self.personal[update.client_id] = (update.extra["U"], update.extra["V"])
-        return {}
+        return metrics
 
     def prepare_eval(self) -> tuple[torch.Tensor, torch.Tensor]:
         return prompt_eval(self.backbone, self.sigma, self.base_tokens, self.novel_tokens)

@@ -17,7 +17,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from feddtl.algorithm.aggregation import weighted_average
 from feddtl.algorithm.client import ClientData
 from feddtl.config.client_config import ClientConfig
 from feddtl.algorithm.messages import ClientTask, ClientUpdate
@@ -149,10 +148,11 @@ class PromptFL(Method):
     def update_extra_reference(self, task: ClientTask) -> dict[str, torch.Tensor]:
         return {"context": task.extra["context"]}  # an update must carry a finite context of the sent shape
 
-    def server_update(self, updates: Sequence[ClientUpdate], round_num: int) -> dict[str, float]:
-        states = [{"context": u.extra["context"]} for u in updates]
-        self.context = weighted_average(states, [u.num_samples for u in updates])["context"]
-        return {}
+    def server_update(self, updates: Sequence[ClientUpdate], round_num: int) -> dict[str, Any]:
+        state, metrics = self.aggregate(updates, [{"context": u.extra["context"]} for u in updates])
+        if state is not None:  # None: too few updates for the robust rule; the global context stays
+            self.context = state["context"]
+        return metrics
 
     def prepare_eval(self) -> tuple[torch.Tensor, torch.Tensor]:
         return prompt_eval(self.backbone, self.context, self.base_tokens, self.novel_tokens)

@@ -27,8 +27,7 @@ def client_seed(seed: int, round_num: int, client_id: int) -> int:
 
 def select_clients(config: ExperimentConfig, round_num: int) -> list[int]:
     """The clients of round ``round_num``: all, or a seeded ``client_fraction`` of them (sorted)."""
-    k = config.num_clients
-    m = max(1, int(round(config.client_fraction * k)))
+    k, m = config.num_clients, config.clients_per_round
     if m >= k:
         return list(range(k))
     rng = np.random.default_rng([config.seed, round_num, 17])

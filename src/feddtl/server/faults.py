@@ -8,6 +8,7 @@ sees only what a real client could send: an exception, no reply, a hang, or a ma
 from __future__ import annotations
 
 import dataclasses
+import math
 import threading
 import time
 from collections import defaultdict
@@ -45,11 +46,50 @@ def fault_hits(faults: FaultConfig, round_num: int, client_id: int, attempt: int
     return bool(np.random.default_rng([faults.seed, round_num, client_id, attempt]).random() < faults.probability)
 
 
-def corrupt_update(update: ClientUpdate, mode: str, spec: UpdateSpec) -> ClientUpdate:
+BOUND_MARGIN = 0.99
+"""An attack shrunk to the norm bound lands at this fraction of it: inside, whatever the float rounding."""
+
+
+def attacked_weights(update: ClientUpdate, spec: UpdateSpec, factor: float) -> dict[str, Any]:
+    """The weights of ``update`` moved to reference + ``factor`` x (uploaded - reference), as replacements
+    for its ``image_lora`` and ``extra``; ``factor`` is shrunk so the update stays inside ``spec.max_norm``.
+
+    The change is taken against what the client was sent (``spec.reference`` and, for methods with their
+    own tensors, ``spec.extra_reference``): the same quantity validation bounds, so the attack passes it.
+    """
+    parts = [("image_lora", update.image_lora, spec.reference)]
+    if spec.extra_reference is not None:
+        parts.append(("extra", update.extra, spec.extra_reference))
+    deltas = {
+        name: {k: state[k].detach().to(torch.float64) - ref[k].detach().to(torch.float64) for k in ref}
+        for name, state, ref in parts
+    }
+    norm = float(sum(d.square().sum() for delta in deltas.values() for d in delta.values()) ** 0.5)
+    if spec.max_norm is not None and norm * abs(factor) > BOUND_MARGIN * spec.max_norm:
+        factor = math.copysign(BOUND_MARGIN * spec.max_norm / norm, factor)
+    return {
+        name: {**state, **{k: (ref[k].to(torch.float64) + factor * deltas[name][k]).to(ref[k].dtype) for k in ref}}
+        for name, state, ref in parts
+    }
+
+
+def flipped_labels(labels: torch.Tensor) -> torch.Tensor:
+    """``labels`` with each of its classes renamed to the next one it holds (cyclically): every label is
+    wrong, yet still a class of the client, within the per-class cap, so validation cannot tell."""
+    classes = labels.unique()  # sorted
+    if len(classes) < 2:  # one class (or none): no wrong label of its own to give
+        return labels.clone()
+    return classes[(torch.searchsorted(classes, labels) + 1) % len(classes)]
+
+
+def corrupt_update(update: ClientUpdate, mode: str, spec: UpdateSpec, attack_scale: float = 10.0) -> ClientUpdate:
     """A copy of ``update`` broken in the way ``mode`` names (the originals are not modified).
 
     The weight corruptions (nan_lora, bad_shape, bad_keys, huge_norm) hit the image LoRA, or the
-    method-specific ``extra`` tensors for methods that upload no image LoRA (PromptFL, FedPGP).
+    method-specific ``extra`` tensors for methods that upload no image LoRA (PromptFL, FedPGP); the weight
+    attacks (sign_flip, scaled, collude) move both by ``attack_scale`` (see ``attacked_weights``). One
+    update alone cannot collude: "collude" here is the sign flip that ``FaultyClients`` hands every
+    colluder of the round.
     """
     weights = "image_lora" if update.image_lora else "extra"
     lora = dict(getattr(update, weights))
@@ -87,6 +127,12 @@ def corrupt_update(update: ClientUpdate, mode: str, spec: UpdateSpec) -> ClientU
         changes["num_samples"] = 10**9
     elif mode == "wrong_client_id":
         changes["client_id"] = update.client_id + 1000
+    elif mode in ("sign_flip", "collude"):
+        changes.update(attacked_weights(update, spec, -attack_scale))
+    elif mode == "scaled":
+        changes.update(attacked_weights(update, spec, attack_scale))
+    elif mode == "label_flip":
+        changes["labels"] = flipped_labels(labels)
     else:
         raise ValueError(f"unknown corruption {mode!r}; allowed: {', '.join(CORRUPTIONS)}")
     return dataclasses.replace(update, **changes)
@@ -109,6 +155,8 @@ class FaultyClients:
         self.spec = spec
         self._attempts: defaultdict[tuple[int, int], int] = defaultdict(int)
         self._release: dict[int, threading.Event] = {}
+        self._collusion: dict[int, ClientUpdate] = {}
+        """Per round, the first colluder's attacked update: the weights every later colluder sends."""
 
     def dispatch(self, tasks: dict[int, ClientTask]) -> None:
         # One fresh release per call of this attempt, made before any call starts, so a cancel can never
@@ -134,7 +182,14 @@ class FaultyClients:
         update = self.inner.step(task, client_id)
         if update is None or mode not in CORRUPTIONS:
             return update
-        return corrupt_update(update, mode, self.spec(task, client_id))
+        if mode == "collude" and task.round in self._collusion:
+            # the same malicious weights as the round's first colluder; its own id, count and embeddings
+            lead = self._collusion[task.round]
+            return dataclasses.replace(update, image_lora=dict(lead.image_lora), extra=dict(lead.extra))
+        attacked = corrupt_update(update, mode, self.spec(task, client_id), self.faults.attack_scale)
+        if mode == "collude":
+            self._collusion[task.round] = attacked
+        return attacked
 
     def cancel(self, client_id: int) -> None:
         if client_id in self._release:
