@@ -22,6 +22,7 @@ from feddtl.config.fedpgp_config import FedPGPConfig
 from feddtl.config.flower_config import FlowerConfig
 from feddtl.config.grpo_config import GRPOConfig
 from feddtl.config.lora_config import LoraConfig
+from feddtl.config.privacy_config import PrivacyConfig
 from feddtl.config.promptfl_config import PromptConfig
 from feddtl.config.registry import available_methods
 from feddtl.config.robustness_config import RobustnessConfig
@@ -78,6 +79,7 @@ class ExperimentConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     robustness: RobustnessConfig = field(default_factory=RobustnessConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     faults: FaultConfig = field(default_factory=FaultConfig)
     flower: FlowerConfig = field(default_factory=FlowerConfig)
 
@@ -139,6 +141,7 @@ class ExperimentConfig:
                 raise ConfigError(str(exc)) from None
         try:
             self.faults.validate(self.num_clients, self.rounds, self.robustness)
+            self.privacy.validate(self.method)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
 
