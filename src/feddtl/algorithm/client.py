@@ -20,6 +20,7 @@ from feddtl.algorithm.encoding import TrunkFeatures, image_embeddings, image_fea
 from feddtl.algorithm.grpo import class_logits, grpo_loss, hybrid_reference_logprobs, sample_actions
 from feddtl.config.grpo_config import GRPOConfig
 from feddtl.algorithm.messages import ClientTask, ClientUpdate
+from feddtl.algorithm.privacy import UploadNoise, private_embeddings, private_prototypes
 from feddtl.algorithm.prototypes import class_prototypes
 from feddtl.backbones.base import Backbone
 
@@ -210,8 +211,14 @@ def client_step(
     config: ClientConfig,
     grpo: GRPOConfig,
     seed: int,
+    upload_noise: UploadNoise | None = None,
 ) -> ClientUpdate:
-    """One local round of FedDTL on one client; returns what the client uploads."""
+    """One local round of FedDTL on one client; returns what the client uploads.
+
+    ``upload_noise``: the Gaussian mechanism on the uploaded embeddings or prototypes (privacy.upload_epsilon;
+    None: off). Its noise comes from a generator of its own, so training and the upload subsample draw the
+    same numbers with it on or off.
+    """
     data.require_images()
     generator = torch.Generator().manual_seed(seed)
     backbone.load_image_lora(task.image_lora)
@@ -223,10 +230,16 @@ def client_step(
     index = capped_upload_index(data.labels, config.upload_cap_per_class, generator)
     if config.upload == "prototypes":
         # One mean embedding per class, over all local images: the cap does not apply.
-        embeddings, labels = class_prototypes(image_embeddings(backbone, data.features, config.batch_size), data.labels)
+        local = image_embeddings(backbone, data.features, config.batch_size)
+        if upload_noise is None:
+            embeddings, labels = class_prototypes(local, data.labels)
+        else:
+            embeddings, labels = private_prototypes(local, data.labels, upload_noise, upload_noise.generator(seed))
     else:
         embeddings = image_embeddings(backbone, data.features, config.batch_size, index)
         labels = data.labels[index].clone()
+        if upload_noise is not None:
+            embeddings = private_embeddings(embeddings, upload_noise, upload_noise.generator(seed))
     return ClientUpdate(
         client_id=data.client_id,
         num_samples=len(data),

@@ -22,6 +22,7 @@ from feddtl.config.fedpgp_config import FedPGPConfig
 from feddtl.config.flower_config import FlowerConfig
 from feddtl.config.grpo_config import GRPOConfig
 from feddtl.config.lora_config import LoraConfig
+from feddtl.config.privacy_config import PrivacyConfig
 from feddtl.config.promptfl_config import PromptConfig
 from feddtl.config.registry import available_methods
 from feddtl.config.robustness_config import RobustnessConfig
@@ -85,6 +86,7 @@ class ExperimentConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     robustness: RobustnessConfig = field(default_factory=RobustnessConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     faults: FaultConfig = field(default_factory=FaultConfig)
     flower: FlowerConfig = field(default_factory=FlowerConfig)
 
@@ -159,8 +161,14 @@ class ExperimentConfig:
             raise ConfigError(str(exc)) from None
         try:
             self.faults.validate(self.num_clients, self.rounds, self.robustness)
+            self.privacy.validate(self.method)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
+        if self.privacy.lora_private and self.server.aggregation != "fedavg":
+            raise ConfigError(
+                f"privacy.lora_epsilon (central DP: a clipped, equal-weight average plus noise) replaces the aggregation "
+                f"rule; server.aggregation={self.server.aggregation!r} is not allowed with it; allowed: 'fedavg'"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

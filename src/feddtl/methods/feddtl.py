@@ -9,10 +9,12 @@ import torch
 
 from feddtl.algorithm.client import ClientData, client_step
 from feddtl.algorithm.messages import ClientTask, ClientUpdate
+from feddtl.algorithm.privacy import epsilon_spent, upload_noise
 from feddtl.algorithm.server import class_embeddings, pooled_embeddings, screen_embeddings, text_alignment_step
 from feddtl.backbones.base import Backbone
 from feddtl.config import ExperimentConfig
 from feddtl.methods.base import Method, ServerContext
+from feddtl.methods.central_dp import CentralDP
 from feddtl.methods.state import load_optimizer_state, optimizer_state, prefixed, unprefixed
 
 
@@ -27,6 +29,10 @@ class FedDTL(Method):
         self.text_optimizer = torch.optim.Adam(self.backbone.text_lora_parameters(), lr=self.config.server.text_lr)
         self.generator = torch.Generator().manual_seed(self.config.seed + 7919)
         self.base_T = class_embeddings(self.backbone, ctx.base_text)
+        privacy = self.config.privacy
+        # [privacy]: None when off, and then nothing below draws, computes or reports anything more
+        self.central_dp = CentralDP(privacy, self.config.rounds, self.config.seed) if privacy.lora_private else None
+        self.upload_noise = upload_noise(privacy, self.config.rounds)
 
     def stage(self, round_num: int) -> str:
         return "sft" if round_num <= self.config.switch_round else "rl"
@@ -45,12 +51,24 @@ class FedDTL(Method):
     def client_step(
         backbone: Backbone, data: ClientData, task: ClientTask, config: ExperimentConfig, seed: int
     ) -> ClientUpdate:
-        return client_step(backbone, data, task, config.client, config.grpo, seed)
+        noise = upload_noise(config.privacy, config.rounds)  # None unless privacy.upload_epsilon is set
+        return client_step(backbone, data, task, config.client, config.grpo, seed, noise)
 
     def server_update(self, updates: Sequence[ClientUpdate], round_num: int) -> dict[str, Any]:
-        image_lora, metrics = self.aggregate(updates, [u.image_lora for u in updates])
-        if image_lora is not None:  # None: too few updates for the robust rule; the global LoRA stays
-            self.image_lora = image_lora
+        dp_metrics: dict[str, Any] = {}
+        if self.central_dp is None:
+            image_lora, metrics = self.aggregate(updates, [u.image_lora for u in updates])
+            if image_lora is not None:  # None: too few updates for the robust rule; the global LoRA stays
+                self.image_lora = image_lora
+        else:  # central DP is the aggregation (Flower's fixed clipping): no robust rule with it (a config check)
+            metrics = {}
+            self.image_lora, dp_metrics = self.central_dp.aggregate([u.image_lora for u in updates], self.image_lora, round_num)
+        if self.upload_noise is not None:
+            # the clients add this noise; the server accounts it from the config (one release a round)
+            privacy = self.config.privacy
+            dp_metrics["dp_upload_epsilon"] = epsilon_spent(self.upload_noise.multiplier, round_num, privacy.upload_delta)
+            dp_metrics["dp_upload_delta"] = privacy.upload_delta
+            dp_metrics["dp_upload_noise_multiplier"] = self.upload_noise.multiplier
         if round_num == self.config.switch_round:
             self.sft_reference = self.image_lora
         server = self.config.server
@@ -69,7 +87,7 @@ class FedDTL(Method):
             self.backbone, self.ctx.base_text, embeddings, labels, self.text_optimizer, server, self.generator
         ))
         self.base_T = class_embeddings(self.backbone, self.ctx.base_text)
-        return metrics
+        return {**metrics, **dp_metrics}
 
     def prepare_eval(self) -> tuple[torch.Tensor, torch.Tensor]:
         self.backbone.load_image_lora(self.image_lora)
@@ -91,6 +109,8 @@ class FedDTL(Method):
         }
         if self.sft_reference is not None:
             tensors.update(prefixed(self.sft_reference, "sft_reference"))
+        if self.central_dp is not None:
+            tensors["dp_generator"] = self.central_dp.generator.get_state()
         return tensors, {"text_adam": opt_meta, "has_sft_reference": self.sft_reference is not None}
 
     def load_checkpoint_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
@@ -100,5 +120,7 @@ class FedDTL(Method):
         self.backbone.load_text_lora(unprefixed(tensors, "text"))
         load_optimizer_state(self.text_optimizer, unprefixed(tensors, "text_adam"), meta["text_adam"])
         self.generator.set_state(tensors["generator"])
+        if self.central_dp is not None:
+            self.central_dp.generator.set_state(tensors["dp_generator"])
         self.sft_reference = unprefixed(tensors, "sft_reference", order) if meta["has_sft_reference"] else None
         self.base_T = class_embeddings(self.backbone, self.ctx.base_text)

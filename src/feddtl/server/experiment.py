@@ -28,6 +28,8 @@ BuildFn = Callable[..., Federation]
 """Builds the federation: called as ``build(config, log_fn=..., run_dir=...)``."""
 
 FINAL_FIELDS = ("base_acc", "novel_acc", "hm", "local_acc", "local_acc_per_client")
+PRIVACY_FIELDS = ("dp_upload_epsilon", "dp_upload_delta", "dp_lora_epsilon", "dp_lora_delta")
+"""The (epsilon, delta) spent by the end of the run, per DP channel, when [privacy] turned it on."""
 
 
 def build_method(fed: Federation) -> Method:
@@ -152,6 +154,7 @@ def run_experiment(
         "rounds": config.rounds if method.trains else 0,
         "seed": config.seed,
         **final,
+        **{k: rows[-1][k] for k in PRIVACY_FIELDS if rows and k in rows[-1]},
         **communication_summary(rows, fed.backbone.parameter_bytes()),
         "setup_s": setup_s,
         **phase_summary(rows),
