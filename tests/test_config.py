@@ -56,3 +56,8 @@ def test_resolved_toml_round_trips(tmp_path):
     path = tmp_path / "c.toml"
     path.write_text(to_toml(c))
     assert load_config(str(path)) == c
+
+
+def test_central_dp_refuses_a_robust_aggregation_rule():
+    with pytest.raises(ConfigError, match="server.aggregation='median' is not allowed with it; allowed: 'fedavg'"):
+        load_config("tiny", ["privacy.lora_epsilon=4", "privacy.lora_clip_norm=0.2", "server.aggregation=median"])
