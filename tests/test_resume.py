@@ -25,12 +25,12 @@ import torch
 
 from feddtl.backbones.tiny_clip import build_tiny_clip
 from feddtl.cli import main as cli_main
-from feddtl.config import load_config
+from feddtl.config import load_config, to_toml
 from feddtl.methods import available_methods
 from feddtl.methods.base import Method
 from feddtl.methods.fedlora import FedLoRA
 from feddtl.methods.state import load_optimizer_state, optimizer_state
-from feddtl.server.checkpoint import CheckpointError, checkpoint_due, load_checkpoint, load_run_config
+from feddtl.server.checkpoint import CheckpointError, checkpoint_due, config_fingerprint, load_checkpoint, load_run_config
 from feddtl.server.experiment import run_experiment
 from feddtl.server.robust import RoundFailed
 from feddtl.server.rundir import RunDir, result_fields
@@ -396,3 +396,16 @@ def test_every_training_method_can_resume():
     from feddtl.methods import get_method
 
     assert [m for m in TRAINING if not get_method(m).resumable()] == []
+
+
+def test_a_key_added_later_at_its_default_does_not_block_a_resume(tmp_path):
+    # prepare: a run's config.toml as an older feddtl wrote it, without a key this version added
+    config = load_config("tiny")
+    old_text = "\n".join(line for line in to_toml(config).splitlines() if not line.startswith("base_novel_seed"))
+    (tmp_path / "old.toml").write_text(old_text)
+    # execute
+    old = load_config(str(tmp_path / "old.toml"))
+    # assert: same fingerprint; a value that changed, or an operational section, behave as before
+    assert config_fingerprint(old) == config_fingerprint(config)
+    assert config_fingerprint(load_config("tiny", ["client.lr=0.01"])) != config_fingerprint(config)
+    assert config_fingerprint(load_config("tiny", ["robustness.max_round_retries=3"])) == config_fingerprint(config)

@@ -13,7 +13,6 @@ unpickled: tensors load with safetensors, the rest is JSON.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
@@ -27,11 +26,8 @@ from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
 import feddtl
-from feddtl.config.checkpoint_config import CheckpointConfig
-from feddtl.config import ConfigError, ExperimentConfig, load_config, to_toml
+from feddtl.config import ConfigError, ExperimentConfig, load_config
 from feddtl.methods.base import Method
-from feddtl.config.faults_config import FaultConfig
-from feddtl.config.robustness_config import RobustnessConfig
 from feddtl.server.rundir import METRICS_FILE
 
 FORMAT_VERSION = 1
@@ -62,12 +58,27 @@ class Checkpoint:
     """metrics.jsonl rows of rounds 1..round."""
 
 
+def _non_default(values: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+    """The entries of ``values`` (nested sections too) that differ from ``defaults``."""
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        default = defaults.get(key)
+        if isinstance(value, dict) and isinstance(default, dict):
+            changed = _non_default(value, default)
+            if changed:
+                out[key] = changed
+        elif value != default:
+            out[key] = value
+    return out
+
+
 def config_fingerprint(config: ExperimentConfig) -> str:
-    """SHA-256 of the resolved config with the operational sections at their defaults."""
-    neutral = dataclasses.replace(
-        config, checkpoint=CheckpointConfig(), robustness=RobustnessConfig(), faults=FaultConfig()
-    )
-    return hashlib.sha256(to_toml(neutral).encode()).hexdigest()
+    """SHA-256 of what the completed rounds depend on: the config's values that differ from feddtl's defaults,
+    the operational sections left out. A key that a later feddtl adds at its default leaves it unchanged, so a
+    run checkpointed before an upgrade still resumes; a changed value, or a key set away from its default, does not."""
+    values = {k: v for k, v in config.to_dict().items() if k not in OPERATIONAL_SECTIONS}
+    changed = _non_default(values, ExperimentConfig().to_dict())
+    return hashlib.sha256(json.dumps(changed, sort_keys=True).encode()).hexdigest()
 
 
 def checkpoint_due(round_num: int, rounds: int, every: int) -> bool:
