@@ -31,15 +31,16 @@ from feddtl.config.checkpoint_config import CheckpointConfig
 from feddtl.config import ConfigError, ExperimentConfig, load_config, to_toml
 from feddtl.methods.base import Method
 from feddtl.config.faults_config import FaultConfig
+from feddtl.config.flower_config import FlowerConfig
 from feddtl.config.robustness_config import RobustnessConfig
 from feddtl.server.rundir import METRICS_FILE
 
 FORMAT_VERSION = 1
 CHECKPOINT_DIR = "checkpoint"
 STATE_FILE = "state.json"
-OPERATIONAL_SECTIONS = ("checkpoint", "robustness", "faults")
-"""Config sections that may change on resume (`--set` with `--resume`): they decide how failures are
-handled, not what a completed round computed."""
+OPERATIONAL_SECTIONS = ("checkpoint", "robustness", "faults", "flower")
+"""Config sections that may change on resume (`--set` with `--resume`, `overrides` with a Flower `resume`):
+they decide how failures are handled and how the engine waits, not what a completed round computed."""
 
 
 class CheckpointError(RuntimeError):
@@ -65,7 +66,7 @@ class Checkpoint:
 def config_fingerprint(config: ExperimentConfig) -> str:
     """SHA-256 of the resolved config with the operational sections at their defaults."""
     neutral = dataclasses.replace(
-        config, checkpoint=CheckpointConfig(), robustness=RobustnessConfig(), faults=FaultConfig()
+        config, checkpoint=CheckpointConfig(), robustness=RobustnessConfig(), faults=FaultConfig(), flower=FlowerConfig()
     )
     return hashlib.sha256(to_toml(neutral).encode()).hexdigest()
 
