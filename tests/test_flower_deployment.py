@@ -148,7 +148,9 @@ def _values_match(a, b, path: str) -> list[str]:
     return [] if a == b else [f"{path}: {a!r} vs {b!r}"]
 
 
-def assert_same_run(run: Path, reference: Path, engine: str, rounds: int = 2, ignore: tuple[str, ...] = ()) -> None:
+def assert_same_run(
+    run: Path, reference: Path, engine: str, rounds: int = 2, ignore: tuple[str, ...] = (), exact: bool = False
+) -> None:
     """Same results, per-round metrics, config and final weights as the in-process run.
 
     The engines call the same functions on the same inputs in the same order (updates are aggregated
@@ -161,7 +163,8 @@ def assert_same_run(run: Path, reference: Path, engine: str, rounds: int = 2, ig
     numbers exactly). Hence the tolerances: 1e-5 relative on metrics, and on weights 1e-5 absolute,
     one percent of a single Adam step (lr 1e-3).
     ``ignore``: prefixes of result and metrics keys left out (what a run with failures adds: its
-    failure lists, retries, and the traffic of the retried tasks).
+    failure lists, retries, and the traffic of the retried tasks). ``exact``: bit for bit, no tolerance
+    (the Deployment Engine, whose clients use the in-process thread count).
     """
     def fields(row: dict) -> dict:
         return {k: v for k, v in comparable(row).items() if not any(k.startswith(p) for p in ignore)}
@@ -179,6 +182,9 @@ def assert_same_run(run: Path, reference: Path, engine: str, rounds: int = 2, ig
     assert list(weights) == list(expected_weights)
     for name, tensor in expected_weights.items():
         torch.testing.assert_close(weights[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
+    if exact:
+        assert fields(results) == fields(expected) and rows == expected_rows
+        assert all(torch.equal(weights[name], tensor) for name, tensor in expected_weights.items())
 
 
 def _wait_exit(proc: subprocess.Popen, timeout: float) -> int | None:
@@ -216,7 +222,7 @@ def test_deployment_engine_matches_inprocess(deployment, certs, reference, tmp_p
     row = deployment.wait_run(run_id, RUN_TIMEOUT_S)
     # assert: the run's final status (`flwr run` exits 0 for failed runs too), then the numbers
     assert row["status"] == COMPLETED, f"run {run_id}: {row['status']} {row['status-details']}\n{deployment.run_log(run_id)}"
-    assert_same_run(out, reference, engine="flower-deployment")
+    assert_same_run(out, reference, engine="flower-deployment", exact=True)
 
 
 def _wait_for(what: str, check, timeout: float = RUN_TIMEOUT_S, poll: float = 0.5) -> None:
@@ -281,7 +287,7 @@ def test_resume_after_serverapp_and_superlink_crashes_matches_inprocess(
     row = dep.wait_run(third, RUN_TIMEOUT_S)
     assert row["status"] == COMPLETED, f"{row['status']} {row['status-details']}\n{dep.run_log(third)}"
     assert "resuming" in dep.run_log(third)
-    assert_same_run(out, tiny_clip_reference_of("rounds=3"), engine="flower-deployment", rounds=3)
+    assert_same_run(out, tiny_clip_reference_of("rounds=3"), engine="flower-deployment", rounds=3, exact=True)
     # a finished run is left alone: reported, nothing asked, nothing changed
     before = {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.is_file()}
     fourth = dep.submit(REPO, run_config([], resume=str(out)))
@@ -317,7 +323,7 @@ def test_supernode_restarted_mid_round_rejoins(
     assert [f["client"] for f in first_round["failed"]] == [1]
     assert "partition 1 rejoined" in log
     assert_same_run(out, tiny_clip_reference_of(*more), engine="flower-deployment",
-                    ignore=("failed", "retries", "bytes_", "comm"))
+                    ignore=("failed", "retries", "bytes_"), exact=True)
 
 
 @pytest.mark.slow

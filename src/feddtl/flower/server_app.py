@@ -35,6 +35,7 @@ from feddtl.flower import records
 from feddtl.flower.versions import Versions, differences, local_versions
 from feddtl.server.checkpoint import load_run_config
 from feddtl.server.experiment import run_experiment
+from feddtl.server.robust import RoundFailed
 from feddtl.server.rundir import read_results
 
 POLL_S = 0.2
@@ -381,10 +382,18 @@ def serve(
 
     what = "resuming" if resume else "->"
     log_fn(f"FedDTL ServerApp: {config.method} on {config.dataset}, {config.num_clients} clients {what} {out_dir}")
-    results = run_experiment(
-        config, out_dir, progress=False, log_fn=log_fn, build=build, remote_clients=clients,
-        engine=engine or engine_name(grid), resume=resume,
-    )
+    try:
+        results = run_experiment(
+            config, out_dir, progress=False, log_fn=log_fn, build=build, remote_clients=clients,
+            engine=engine or engine_name(grid), resume=resume,
+        )
+    except RoundFailed as exc:
+        log_fn(
+            f"{exc}. The run stopped with a checkpoint after round {exc.round - 1}; continue it with "
+            f"`flwr run <app> <federation> --run-config \"resume='{out_dir}'\"` (overrides may change "
+            "robustness.*, faults.*, checkpoint.*, flower.*)"
+        )
+        raise
     log_fn(
         f"done: Base {results['base_acc']:.2f}  Novel {results['novel_acc']:.2f}  HM {results['hm']:.2f}  "
         f"Local {results['local_acc']:.2f}  [{results['wall_s']:.0f} s] -> {out_dir}"
