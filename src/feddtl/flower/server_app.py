@@ -10,7 +10,11 @@ Only two things differ: the server builds no client data (``with_clients=False``
 Run config keys (``[tool.flwr.app.config]`` in pyproject.toml, ``flwr run --run-config``):
 ``config`` (preset name or TOML path on the SuperLink's machine), ``overrides`` (``--set``-style
 ``key=value`` items separated by spaces; quote values with spaces), ``out`` (run directory; empty:
-``runs/flower-<run id>`` under the ServerApp's working directory).
+``runs/flower-<run id>`` under the ServerApp's working directory), ``resume`` (a run directory to continue
+from its checkpoint, after the ServerApp or the SuperLink died; empty: a new run).
+
+SuperNodes are found, and re-found after a restart, by a handshake that also compares their versions
+and backbone weights with the server's (``SuperNodeClients``; docs/flower.md).
 """
 
 from __future__ import annotations
