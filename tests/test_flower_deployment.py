@@ -18,10 +18,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import feddtl
 from feddtl.backbones.tiny_clip import build_tiny_clip
 from feddtl.config import load_config
 from feddtl.flower.certs import write_dev_pki
 from feddtl.flower.deploy import COMPLETED, LocalDeployment, flower_bin_dir
+from feddtl.flower.versions import TEST_FEDDTL_VERSION
 from feddtl.server.rundir import result_fields
 from feddtl.server.experiment import run_experiment
 
@@ -68,8 +70,9 @@ def tiny_clip_reference(tmp_path_factory, tiny_clip_overrides) -> Path:
 
 @pytest.fixture(scope="module")
 def certs(tmp_path_factory) -> Path:
+    """node0, node1 and node2: the third key restarts a SuperNode under a new node id."""
     folder = tmp_path_factory.mktemp("certs")
-    write_dev_pki(folder, nodes=2)
+    write_dev_pki(folder, nodes=3)
     return folder
 
 
@@ -96,6 +99,40 @@ def deployment(tmp_path_factory, certs):
     assert not leftovers, f"processes left running: {leftovers}"
 
 
+@pytest.fixture
+def own_deployment(tmp_path, certs):
+    """A SuperLink of the test's own, node0..node2 registered: a test that kills processes or leaves
+    nodes running shares nothing with the next one."""
+    dep = LocalDeployment(tmp_path / "deployment", certs)
+    try:
+        dep.start_superlink()
+        for k in range(3):
+            dep.register(certs / f"node{k}.pub")
+        yield dep
+    finally:
+        dep.stop()
+
+
+@pytest.fixture(scope="module")
+def tiny_clip_reference_of(tmp_path_factory, tiny_clip_overrides):
+    """The in-process run of the tiny-CLIP config with more overrides, made once per list."""
+    made: dict[tuple[str, ...], Path] = {}
+
+    def reference(*more: str) -> Path:
+        if more not in made:
+            out = tmp_path_factory.mktemp("inprocess_tiny_clip_more")
+            run_experiment(load_config("tiny", [*tiny_clip_overrides, *more]), out, progress=False, log_fn=lambda s: None)
+            made[more] = out
+        return made[more]
+
+    return reference
+
+
+def run_config(overrides: list[str], **keys: str) -> str:
+    """`--run-config` text: ``overrides`` as one string (double-quoted: items may hold single quotes)."""
+    return " ".join([f'overrides="{" ".join(overrides)}"', *(f"{k}='{v}'" for k, v in keys.items())])
+
+
 def _values_match(a, b, path: str) -> list[str]:
     """Differences between two JSON values, numbers compared within floating-point tolerance."""
     if isinstance(a, dict) and isinstance(b, dict):
@@ -111,7 +148,9 @@ def _values_match(a, b, path: str) -> list[str]:
     return [] if a == b else [f"{path}: {a!r} vs {b!r}"]
 
 
-def assert_same_run(run: Path, reference: Path, engine: str) -> None:
+def assert_same_run(
+    run: Path, reference: Path, engine: str, rounds: int = 2, ignore: tuple[str, ...] = (), exact: bool = False
+) -> None:
     """Same results, per-round metrics, config and final weights as the in-process run.
 
     The engines call the same functions on the same inputs in the same order (updates are aggregated
@@ -123,20 +162,29 @@ def assert_same_run(run: Path, reference: Path, engine: str) -> None:
     on (checked: an in-process run with its client steps at one thread reproduces the simulation's
     numbers exactly). Hence the tolerances: 1e-5 relative on metrics, and on weights 1e-5 absolute,
     one percent of a single Adam step (lr 1e-3).
+    ``ignore``: prefixes of result and metrics keys left out (what a run with failures adds: its
+    failure lists, retries, and the traffic of the retried tasks). ``exact``: bit for bit, no tolerance
+    (the Deployment Engine, whose clients use the in-process thread count).
     """
+    def fields(row: dict) -> dict:
+        return {k: v for k, v in comparable(row).items() if not any(k.startswith(p) for p in ignore)}
+
     results = json.loads((run / "results.json").read_text())
     expected = json.loads((reference / "results.json").read_text())
     assert results["engine"] == engine and expected["engine"] == "inprocess"
-    assert results["rounds"] == 2 and results["num_clients"] == 2
-    assert _values_match(comparable(expected), comparable(results), "results") == []
-    rows = [comparable(json.loads(line)) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    expected_rows = [comparable(json.loads(line)) for line in (reference / "metrics.jsonl").read_text().splitlines()]
+    assert results["rounds"] == rounds and results["num_clients"] == 2
+    assert _values_match(fields(expected), fields(results), "results") == []
+    rows = [fields(json.loads(line)) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    expected_rows = [fields(json.loads(line)) for line in (reference / "metrics.jsonl").read_text().splitlines()]
     assert _values_match(expected_rows, rows, "metrics") == []
     assert (run / "config.toml").read_text() == (reference / "config.toml").read_text()
     weights, expected_weights = load_file(run / "final_lora.safetensors"), load_file(reference / "final_lora.safetensors")
     assert list(weights) == list(expected_weights)
     for name, tensor in expected_weights.items():
         torch.testing.assert_close(weights[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
+    if exact:
+        assert fields(results) == fields(expected) and rows == expected_rows
+        assert all(torch.equal(weights[name], tensor) for name, tensor in expected_weights.items())
 
 
 def _wait_exit(proc: subprocess.Popen, timeout: float) -> int | None:
@@ -174,7 +222,108 @@ def test_deployment_engine_matches_inprocess(deployment, certs, reference, tmp_p
     row = deployment.wait_run(run_id, RUN_TIMEOUT_S)
     # assert: the run's final status (`flwr run` exits 0 for failed runs too), then the numbers
     assert row["status"] == COMPLETED, f"run {run_id}: {row['status']} {row['status-details']}\n{deployment.run_log(run_id)}"
-    assert_same_run(out, reference, engine="flower-deployment")
+    assert_same_run(out, reference, engine="flower-deployment", exact=True)
+
+
+def _wait_for(what: str, check, timeout: float = RUN_TIMEOUT_S, poll: float = 0.5) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"waited {timeout:.0f} s for {what}")
+        time.sleep(poll)
+
+
+def _checkpoint_round(run: Path) -> int:
+    """The round of the run's last checkpoint (-1: none yet)."""
+    try:
+        return int(json.loads((run / "checkpoint" / "state.json").read_text())["round"])
+    except (OSError, ValueError, KeyError):
+        return -1
+
+
+@pytest.mark.slow
+def test_supernode_with_another_version_is_refused(own_deployment, certs, tiny_clip_overrides, tmp_path) -> None:
+    # prepare: node 1 reports another feddtl version (the node-config test hook; nothing reinstalled)
+    dep = own_deployment
+    dep.start_supernode(0, 2, certs / "node0")
+    dep.start_supernode(1, 2, certs / "node1", node_config=f'{TEST_FEDDTL_VERSION}="9.9.9"')
+    out = tmp_path / "run"
+    # execute
+    run_id = dep.submit(REPO, run_config(tiny_clip_overrides, out=str(out)))
+    row = dep.wait_run(run_id, RUN_TIMEOUT_S)
+    # assert: the run fails at the handshake, naming the node's partition and the difference; nothing trained
+    log = dep.run_log(run_id)
+    assert row["status"] != COMPLETED, log
+    assert f"(partition 1) differs from the server: feddtl: {feddtl.__version__} on the server, 9.9.9 on the node" in log
+    assert "flower.allow_version_mismatch" in log
+    assert _checkpoint_round(out) == -1 and not (out / "results.json").exists()
+
+
+@pytest.mark.slow
+def test_resume_after_serverapp_and_superlink_crashes_matches_inprocess(
+    own_deployment, certs, tiny_clip_overrides, tiny_clip_reference_of, tmp_path
+) -> None:
+    """Three rounds: the ServerApp is killed during round 2, the resumed run's SuperLink (with its
+    ServerApp) during round 3; a new `flwr run` with ``resume`` each time, and the result is the
+    uninterrupted in-process run's."""
+    dep = own_deployment
+    overrides = [*tiny_clip_overrides, "rounds=3"]
+    for k in range(2):
+        dep.start_supernode(k, 2, certs / f"node{k}")
+    out = tmp_path / "run"
+    # a ServerApp killed after round 1's checkpoint
+    first = dep.submit(REPO, run_config(overrides, out=str(out)))
+    _wait_for("round 1's checkpoint", lambda: _checkpoint_round(out) >= 1)
+    dep.kill_serverapp()
+    # resumed; then the SuperLink and everything it started killed after round 2's checkpoint
+    second = dep.submit(REPO, run_config([], resume=str(out)))
+    _wait_for("round 2's checkpoint", lambda: _checkpoint_round(out) >= 2)
+    assert not (out / "results.json").exists()
+    dep.kill("superlink")
+    # the SuperLink restarts on its database: the SuperNodes reconnect by themselves
+    dep.start_superlink()
+    _wait_for("both SuperNodes back online", lambda: dep.online_nodes() == 2, timeout=120, poll=2)
+    third = dep.submit(REPO, run_config([], resume=str(out)))
+    row = dep.wait_run(third, RUN_TIMEOUT_S)
+    assert row["status"] == COMPLETED, f"{row['status']} {row['status-details']}\n{dep.run_log(third)}"
+    assert "resuming" in dep.run_log(third)
+    assert_same_run(out, tiny_clip_reference_of("rounds=3"), engine="flower-deployment", rounds=3, exact=True)
+    # a finished run is left alone: reported, nothing asked, nothing changed
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.is_file()}
+    fourth = dep.submit(REPO, run_config([], resume=str(out)))
+    assert dep.wait_run(fourth, RUN_TIMEOUT_S)["status"] == COMPLETED
+    assert "is finished" in dep.run_log(fourth) and "nothing changed" in dep.run_log(fourth)
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.is_file()} == before
+    del first, second
+
+
+@pytest.mark.slow
+def test_supernode_restarted_mid_round_rejoins(
+    own_deployment, certs, tiny_clip_overrides, tiny_clip_reference_of, tmp_path
+) -> None:
+    """SuperNode 1 is killed while it trains round 1 and restarted with another key (a new node id): the
+    server greets it, hands it partition 1, and the round's retry asks it again. min_fit_fraction = 1
+    makes the round wait for that retry, so the run still ends as the in-process one."""
+    dep = own_deployment
+    more = ["robustness.min_fit_fraction=1.0"]
+    for k in range(2):
+        dep.start_supernode(k, 2, certs / f"node{k}")
+    out = tmp_path / "run"
+    run_id = dep.submit(REPO, run_config([*tiny_clip_overrides, *more], out=str(out)))
+    # execute: kill node 1 as soon as it takes round 1's task; restart it under key node2
+    _wait_for("node 1 to take a train message", lambda: "Receiving: train message" in dep.log_tail("supernode1", 100_000))
+    dep.kill("supernode1")
+    dep.start_supernode(1, 2, certs / "node2", name="supernode1-restarted")
+    row = dep.wait_run(run_id, RUN_TIMEOUT_S)
+    # assert: completed; round 1 records client 1's failure and the retry; the numbers are the in-process ones
+    log = dep.run_log(run_id)
+    assert row["status"] == COMPLETED, f"{row['status']} {row['status-details']}\n{log}"
+    first_round = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert first_round["retries"] == 1 and first_round["accepted"] == [0, 1]
+    assert [f["client"] for f in first_round["failed"]] == [1]
+    assert "partition 1 rejoined" in log
+    assert_same_run(out, tiny_clip_reference_of(*more), engine="flower-deployment",
+                    ignore=("failed", "retries", "bytes_"), exact=True)
 
 
 @pytest.mark.slow

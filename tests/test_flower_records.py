@@ -153,12 +153,13 @@ def test_node_partition_is_checked_with_a_hint() -> None:
 
 
 def test_run_config_carries_preset_and_overrides() -> None:
-    config, out = settings_from_run_config(
+    settings = settings_from_run_config(
         {"config": "tiny", "overrides": "rounds=2 'backbone_options.template=a picture of {}'", "out": ""}, run_id=7
     )
+    config = settings.config
     assert config.rounds == 2 and config.dataset == "digits"
     assert config.backbone_options.template == "a picture of {}"
-    assert out == "runs/flower-7"
+    assert settings.out == "runs/flower-7" and not settings.resume
     with pytest.raises(ConfigError, match="unknown Flower run-config keys"):
         settings_from_run_config({"config": "tiny", "num-server-rounds": 3}, run_id=7)
     with pytest.raises(ConfigError, match="rounds"):

@@ -7,7 +7,8 @@ from dataclasses import dataclass
 
 @dataclass
 class FlowerConfig:
-    """How the ServerApp waits for SuperNodes and how the Simulation Engine sizes its virtual clients."""
+    """How the ServerApp waits for SuperNodes, which it admits, and how the Simulation Engine sizes its
+    virtual clients."""
 
     node_wait_timeout: float = 300.0
     """Seconds the ServerApp waits, at the start of a run, for one SuperNode per partition to connect
@@ -17,6 +18,10 @@ class FlowerConfig:
     sim_client_cpus: float = 1.0
     """`--engine flower-sim` only: CPUs the Simulation Engine (Ray) reserves per virtual client;
     clients run in parallel up to the machine's CPU count divided by this."""
+    allow_version_mismatch: bool = False
+    """A SuperNode whose feddtl, torch or transformers version or backbone weights differ from the
+    server's is refused (false), or admitted with a warning in the log (true): it computes updates the
+    server's own code and weights would not."""
 
     def validate(self) -> None:
         if not self.node_wait_timeout > 0:

@@ -22,6 +22,7 @@ from feddtl.config import ConfigError, ExperimentConfig, loads_config
 from feddtl.data import DatasetSplits, load_dataset
 from feddtl.federation import build_client, class_split, client_partition, make_backbone, prompt_features, to_base_index
 from feddtl.flower import records
+from feddtl.flower.versions import node_versions
 from feddtl.methods import get_method
 from feddtl.methods.text_side import with_base_text
 from feddtl.server.clients import client_seed
@@ -103,12 +104,15 @@ def client_data(state: NodeState, partition_id: int) -> tuple[Backbone, ClientDa
 
 @app.query()
 def hello(msg: Message, context: Context) -> Message:
-    """Handshake: tell the ServerApp which partition this node holds and which base classes are in it."""
+    """Handshake: tell the ServerApp which partition this node holds, which base classes are in it, and
+    what it computes with (versions and backbone weights: the server refuses a node that differs)."""
     pid, n = node_partition(context.node_config)
     state = node_state(records.experiment_of(msg.content, records.HELLO), n)
     classes, indices = client_partition(state.config, state.splits, pid)
     labels = to_base_index(state.splits.train.labels[indices], classes.base)
     reply = records.hello_reply(pid, n, sorted(set(labels.tolist())), len(indices))
+    versions = node_versions(state.config.backbone, context.node_config)
+    reply[records.HELLO_VERSIONS] = records.versions_record(versions.as_dict())
     return Message(reply, reply_to=msg)
 
 

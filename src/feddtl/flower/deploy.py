@@ -105,7 +105,8 @@ class LocalDeployment:
 
     # ----- processes ------------------------------------------------------------------------------
     def _start(self, name: str, args: list[str]) -> subprocess.Popen[bytes]:
-        log = (self.folder / f"{name}.log").open("wb")
+        # appended: a process restarted under its name (a SuperLink after a crash) keeps the earlier log
+        log = (self.folder / f"{name}.log").open("ab")
         self._logs.append(log)
         # A session of its own: stop() can signal the whole group.
         proc = subprocess.Popen(
@@ -177,8 +178,9 @@ class LocalDeployment:
 
     def start_supernode(
         self, partition_id: int, num_partitions: int, private_key: Path, name: str | None = None,
-        root_certificates: Path | None = None,
+        root_certificates: Path | None = None, node_config: str = "",
     ) -> subprocess.Popen[bytes]:
+        """``node_config``: more ``key=value`` node-config items, e.g. ``cache-dir="/path"`` (TOML values)."""
         return self._start(
             name or f"supernode{partition_id}",
             [
@@ -186,7 +188,7 @@ class LocalDeployment:
                 "--superlink", self.address,
                 "--root-certificates", str(root_certificates or self.certs / "ca.crt"),
                 "--auth-supernode-private-key", str(private_key),
-                "--node-config", f"partition-id={partition_id} num-partitions={num_partitions}",
+                "--node-config", f"partition-id={partition_id} num-partitions={num_partitions} {node_config}".strip(),
                 # each SuperNode serves its own ClientApp runtime API: one port per node on one machine
                 "--port", str(free_port()),
             ],
@@ -234,6 +236,27 @@ class LocalDeployment:
     def run_log(self, run_id: int) -> str:
         out = self.flwr("log", str(run_id), self.PROFILE, "--show", timeout=60)
         return out.stdout + out.stderr
+
+    # ----- crashes --------------------------------------------------------------------------------
+    def kill(self, name: str) -> None:
+        """SIGKILL the process ``name`` and every process it started (a crash: nothing shuts down cleanly,
+        its ServerApp or ClientApp processes die with it); it is forgotten, so its name may start again."""
+        proc = self.procs.pop(name)
+        targets = descendants(proc.pid)  # before the parent dies: its children are then re-parented
+        _signal({proc.pid}, targets, signal.SIGKILL)
+        proc.wait(timeout=30)
+
+    def kill_serverapp(self) -> int:
+        """SIGKILL the SuperLink's running ServerApp process (``flwr-serverapp``) only; returns its pid."""
+        for pid in descendants(self.procs["superlink"].pid):
+            try:
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"flwr-serverapp" in cmdline:
+                os.kill(pid, signal.SIGKILL)
+                return pid
+        raise RuntimeError("no flwr-serverapp process runs under the SuperLink")
 
     # ----- teardown -------------------------------------------------------------------------------
     def stop(self, grace: float = 10.0) -> None:

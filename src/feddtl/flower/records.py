@@ -27,6 +27,9 @@ TASK_EXTRA = "feddtl.task.extra"
 context); absent when empty."""
 HELLO = "feddtl.hello"
 """ConfigRecord of the handshake: experiment (query) / partition-id, num-partitions, classes (reply)."""
+HELLO_VERSIONS = "feddtl.hello.versions"
+"""ConfigRecord of the handshake reply: the node's feddtl, torch and transformers versions and backbone
+weights fingerprint (string values; see flower.versions)."""
 UPDATE_INFO = "feddtl.update.info"
 """MetricRecord: client-id, num-examples."""
 UPDATE_METRICS = "feddtl.update.metrics"
@@ -266,6 +269,22 @@ def hello_reply(partition_id: int, num_partitions: int, classes: list[int], num_
         }
     )
     return content
+
+
+def versions_record(versions: Mapping[str, str]) -> ConfigRecord:
+    """A node's version report (``flower.versions.Versions.as_dict()``) for its handshake reply."""
+    return ConfigRecord({str(k): str(v) for k, v in versions.items()})
+
+
+def hello_versions(content: RecordDict) -> dict[str, str]:
+    """The version report of a handshake reply: its string entries; empty when the node sent none (a
+    feddtl from before the check), which the server's comparison then reports field by field."""
+    record = content.get(HELLO_VERSIONS)
+    if record is None:
+        return {}
+    if not isinstance(record, ConfigRecord):
+        raise RecordError(f"{HELLO_VERSIONS} must be a ConfigRecord, got {type(record).__name__}")
+    return {k: v for k, v in record.items() if isinstance(v, str)}
 
 
 def parse_hello_reply(content: RecordDict, num_classes: int) -> tuple[int, int, list[int], int]:

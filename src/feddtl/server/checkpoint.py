@@ -33,9 +33,9 @@ from feddtl.server.rundir import METRICS_FILE
 FORMAT_VERSION = 1
 CHECKPOINT_DIR = "checkpoint"
 STATE_FILE = "state.json"
-OPERATIONAL_SECTIONS = ("checkpoint", "robustness", "faults")
-"""Config sections that may change on resume (`--set` with `--resume`): they decide how failures are
-handled, not what a completed round computed."""
+OPERATIONAL_SECTIONS = ("checkpoint", "robustness", "faults", "flower")
+"""Config sections that may change on resume (`--set` with `--resume`, `overrides` with a Flower `resume`):
+they decide how failures are handled and how the engine waits, not what a completed round computed."""
 
 
 class CheckpointError(RuntimeError):
