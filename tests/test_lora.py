@@ -1,0 +1,77 @@
+"""feddtl's LoRA layers compute what peft's compute: same names, initial weights, outputs and gradients."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from feddtl.backbones.lora import inject_lora, lora_parameters
+from feddtl.config.lora_config import LoraConfig
+
+peft = pytest.importorskip("peft")
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 8, 1)
+        self.depthwise = nn.Conv2d(8, 8, 3, padding=1, groups=2)
+        self.head = nn.Conv2d(8, 6, 3, stride=2, padding=1, bias=False)
+        self.fc = nn.Linear(6, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.depthwise(torch.relu(self.conv(x))))
+        return self.fc(self.head(x).mean((2, 3)))
+
+
+TARGETS = ["conv", "depthwise", "head", "fc"]
+
+
+def _peft_inject(model: nn.Module, targets: list[str], config: LoraConfig) -> None:
+    pattern = "^(" + "|".join(targets) + ")$"
+    cfg = peft.LoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=config.dropout, target_modules=pattern, bias="none")
+    peft.inject_adapter_in_model(cfg, model)
+    for name, param in model.named_parameters():
+        param.requires_grad_(".lora_" in name)
+
+
+def test_lora_matches_peft_bit_for_bit() -> None:
+    # prepare: one model, two copies; each gets its LoRA from the same seed; B made non-zero the same way
+    torch.manual_seed(0)
+    base = Net()
+    config = LoraConfig(rank=4, alpha=8.0)
+    ours, theirs = copy.deepcopy(base), copy.deepcopy(base)
+    torch.manual_seed(1)
+    inject_lora(ours, TARGETS, config)
+    torch.manual_seed(1)
+    _peft_inject(theirs, TARGETS, config)
+    for model in (ours, theirs):
+        torch.manual_seed(2)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if ".lora_B." in name:
+                    p.copy_(torch.randn_like(p))
+    x = torch.randn(3, 4, 9, 9)
+    # execute
+    out_ours, out_theirs = ours(x), theirs(x)
+    out_ours.square().sum().backward()
+    out_theirs.square().sum().backward()
+    # assert: parameter names and order, trainable set, values, output and gradients, all exactly equal
+    named_ours, named_theirs = list(ours.named_parameters()), list(theirs.named_parameters())
+    assert [n for n, _ in named_ours] == [n for n, _ in named_theirs]
+    assert [p.requires_grad for _, p in named_ours] == [p.requires_grad for _, p in named_theirs]
+    assert list(lora_parameters(ours, tuple(TARGETS))) == list(lora_parameters(theirs, tuple(TARGETS)))
+    for (name, a), (_, b) in zip(named_ours, named_theirs):
+        assert torch.equal(a, b), name
+        if a.requires_grad:
+            assert torch.equal(a.grad, b.grad), name
+    assert torch.equal(out_ours, out_theirs)
+
+
+def test_lora_rejects_a_rank_that_does_not_divide_the_groups() -> None:
+    model = Net()
+    with pytest.raises(ValueError, match="divisible"):
+        inject_lora(model, ["depthwise"], LoraConfig(rank=3))
