@@ -317,7 +317,7 @@ class NodeCache:
             if entry is None:
                 raise RuntimeError(f"node cache: {name} vanished right after it was published")
             entry.built = True
-            self._note(f"{name}: built in {time.perf_counter() - started:.1f} s ({entry.nbytes / 2**20:.1f} MB)")
+            self._note(f"{name}: built in {time.perf_counter() - started:.1f} s ({entry.nbytes / 2**20:.2f} MiB)")
         self.evict()
         return entry
 
@@ -394,7 +394,7 @@ class NodeCache:
                     self._remove(info.name)
                 total -= info.nbytes
                 evicted.append(info.name)
-                self._note(f"{info.name}: evicted ({info.nbytes / 2**20:.1f} MB, last used {time.ctime(info.last_used)})")
+                self._note(f"{info.name}: evicted ({info.nbytes / 2**20:.2f} MiB, last used {time.ctime(info.last_used)})")
         return evicted
 
     def _sweep(self) -> None:

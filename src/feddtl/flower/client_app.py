@@ -102,6 +102,12 @@ def client_data(state: NodeState, partition_id: int):
     return backbone, data
 
 
+def _event(line: str) -> str:
+    """'trunk-<fingerprint>: hit' -> 'trunk hit'."""
+    name, _, what = line.partition(": ")
+    return f"{name.rsplit('-', 1)[0]} {what}"
+
+
 @app.query()
 def hello(msg: Message, context: Context) -> Message:
     """Handshake: tell the ServerApp which partition this node holds and which base classes are in it."""
@@ -132,7 +138,7 @@ def train(msg: Message, context: Context) -> Message:
     loaded = time.perf_counter()
     update = get_method(config.method).client_step(backbone, data, task, config, client_seed(config.seed, task.round, pid))
     stepped = time.perf_counter()
-    where = "off" if cache is None else (", ".join(e.split(": ", 1)[1] for e in cache.events[events:]) or "in memory")
+    where = "off" if cache is None else (", ".join(_event(e) for e in cache.events[events:]) or "in memory")
     before = "" if age is None else f"process start to handler {age:.1f} s, "
     node_log(
         f"partition {pid}, round {task.round}: {before}state {loaded - started:.2f} s (node cache: {where}), "

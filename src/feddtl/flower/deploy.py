@@ -177,8 +177,9 @@ class LocalDeployment:
 
     def start_supernode(
         self, partition_id: int, num_partitions: int, private_key: Path, name: str | None = None,
-        root_certificates: Path | None = None,
+        root_certificates: Path | None = None, node_config: str = "",
     ) -> subprocess.Popen[bytes]:
+        """``node_config``: more ``key=value`` node-config items, e.g. ``cache-dir="/path"`` (TOML values)."""
         return self._start(
             name or f"supernode{partition_id}",
             [
@@ -186,7 +187,7 @@ class LocalDeployment:
                 "--superlink", self.address,
                 "--root-certificates", str(root_certificates or self.certs / "ca.crt"),
                 "--auth-supernode-private-key", str(private_key),
-                "--node-config", f"partition-id={partition_id} num-partitions={num_partitions}",
+                "--node-config", f"partition-id={partition_id} num-partitions={num_partitions} {node_config}".strip(),
                 # each SuperNode serves its own ClientApp runtime API: one port per node on one machine
                 "--port", str(free_port()),
             ],
