@@ -51,6 +51,7 @@ def test_keys_change_with_what_the_entries_depend_on_and_nothing_else(config) ->
     assert partition_key(config, 1) != base[0]
     for changed, expect in [
         (replace(config, seed=1), (True, False, False)),
+        (replace(config, base_novel="random", base_novel_seed=3), (True, False, False)),
         (replace(config, shots=4), (True, False, False)),
         (replace(config, partition="iid"), (True, False, False)),
         (replace(config, data=replace(config.data, invert=True)), (True, False, True)),

@@ -38,11 +38,13 @@ def _peft_inject(model: nn.Module, targets: list[str], config: LoraConfig) -> No
         param.requires_grad_(".lora_" in name)
 
 
-def test_lora_matches_peft_bit_for_bit() -> None:
-    # prepare: one model, two copies; each gets its LoRA from the same seed; B made non-zero the same way
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_lora_matches_peft_bit_for_bit(dropout) -> None:
+    # prepare: one model, two copies; each gets its LoRA from the same seed; B made non-zero the same way;
+    # with dropout, the LoRA dropout modules in training mode (as Backbone.lora_dropout puts them)
     torch.manual_seed(0)
     base = Net()
-    config = LoraConfig(rank=4, alpha=8.0)
+    config = LoraConfig(rank=4, alpha=8.0, dropout=dropout)
     ours, theirs = copy.deepcopy(base), copy.deepcopy(base)
     torch.manual_seed(1)
     inject_lora(ours, TARGETS, config)
@@ -54,9 +56,15 @@ def test_lora_matches_peft_bit_for_bit() -> None:
             for name, p in model.named_parameters():
                 if ".lora_B." in name:
                     p.copy_(torch.randn_like(p))
+        for module in model.modules():
+            if isinstance(module, nn.Dropout):
+                module.train(True)
     x = torch.randn(3, 4, 9, 9)
     # execute
-    out_ours, out_theirs = ours(x), theirs(x)
+    torch.manual_seed(3)
+    out_ours = ours(x)
+    torch.manual_seed(3)
+    out_theirs = theirs(x)
     out_ours.square().sum().backward()
     out_theirs.square().sum().backward()
     # assert: parameter names and order, trainable set, values, output and gradients, all exactly equal
@@ -69,6 +77,7 @@ def test_lora_matches_peft_bit_for_bit() -> None:
         if a.requires_grad:
             assert torch.equal(a.grad, b.grad), name
     assert torch.equal(out_ours, out_theirs)
+    assert dropout == 0 or any(isinstance(m, nn.Dropout) for m in ours.modules())
 
 
 def test_lora_rejects_a_rank_that_does_not_divide_the_groups() -> None:

@@ -177,7 +177,7 @@ class Backbone(nn.Module, abc.ABC):
         drop-connect stay in eval mode) and they are put back on exit. The masks are drawn from the
         global RNG re-seeded with ``seed`` (salted) inside a fork of it, so a step is reproducible from
         its seed whatever ran before it in the process, and the RNG state outside the block is untouched.
-        With ``lora.dropout = 0`` peft builds no dropout modules and the block does nothing at all.
+        With ``lora.dropout = 0`` the LoRA layers hold no dropout modules and the block does nothing at all.
         """
         dropouts = [
             module

@@ -110,6 +110,7 @@ def partition_key(config: ExperimentConfig, client_id: int) -> dict[str, Any]:
         "data": asdict(config.data),
         "seed": config.seed,
         "base_novel": config.base_novel,
+        "base_novel_seed": config.base_novel_seed,
         "partition": config.partition,
         "num_clients": config.num_clients,
         "alpha": config.alpha,
