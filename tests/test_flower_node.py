@@ -175,3 +175,44 @@ def test_lite_without_text_tower_from_the_cached_bridge_computes_what_the_full_b
     assert all(torch.equal(a, b) for a, b in zip(results[0][1], results[1][1]))
     assert image_only.text_lora_state() == {}
     assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+ADAM_STEPS = """
+import sys, torch
+from safetensors.torch import save_file
+patched = sys.argv[2] == "patched"
+if patched:
+    from feddtl.flower.node import optimizers_without_dynamo
+    assert optimizers_without_dynamo()
+torch.manual_seed(0)
+model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
+optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+x = torch.randn(16, 6)
+for _ in range(4):
+    loss = model(x).square().mean()
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+assert torch.is_grad_enabled()
+save_file({k: v.detach() for k, v in model.state_dict().items()}, sys.argv[1])
+print("torch._dynamo" in sys.modules)
+"""
+
+
+def test_optimizers_without_dynamo_give_the_same_steps_and_skip_the_import(tmp_path) -> None:
+    # execute: the same Adam steps in two fresh interpreters, torch's wrappers as shipped and replaced
+    env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1"}
+    runs = {}
+    for mode in ("plain", "patched"):
+        out = subprocess.run(
+            [sys.executable, "-c", ADAM_STEPS, str(tmp_path / f"{mode}.safetensors"), mode],
+            capture_output=True, text=True, env=env, timeout=300,
+        )
+        assert out.returncode == 0, out.stderr
+        runs[mode] = out.stdout.strip()
+    # assert: identical weights; only the plain run imported torch._dynamo
+    from safetensors.torch import load_file
+
+    plain, patched = load_file(tmp_path / "plain.safetensors"), load_file(tmp_path / "patched.safetensors")
+    assert plain.keys() == patched.keys() and all(torch.equal(plain[k], patched[k]) for k in plain)
+    assert runs == {"plain": "True", "patched": "False"}

@@ -26,7 +26,7 @@ from flwr.common import log
 from feddtl.config import ConfigError, ExperimentConfig, loads_config
 from feddtl.config.node_cache_config import NodeCacheConfig
 from feddtl.flower import records
-from feddtl.flower.node import NodeData, open_node_cache, peak_rss_mb, process_age_s
+from feddtl.flower.node import NodeData, open_node_cache, optimizers_without_dynamo, peak_rss_mb, process_age_s
 from feddtl.methods import get_method
 from feddtl.server.clients import client_seed
 
@@ -106,6 +106,15 @@ def _event(line: str) -> str:
     """'trunk-<fingerprint>: hit' -> 'trunk hit'."""
     name, _, what = line.partition(": ")
     return f"{name.rsplit('-', 1)[0]} {what}"
+
+
+@app.lifespan()
+def lifespan(context: Context):
+    """Before a message: torch's optimizers without their torch._dynamo import (1-5 s of every fresh
+    process's client step; see ``optimizers_without_dynamo``). Not at import: the Simulation Engine's
+    driver imports this module too, and it runs the server, which must stay as in process."""
+    optimizers_without_dynamo()
+    yield
 
 
 @app.query()

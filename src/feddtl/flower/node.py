@@ -260,6 +260,50 @@ class NodeData:
             self.trunk_cache.close()
 
 
+def optimizers_without_dynamo(classes: tuple[type, ...] = (torch.optim.Adam,)) -> bool:
+    """Let torch's optimizers run without importing ``torch._dynamo``, in this process.
+
+    A fresh process's first optimizer step imports torch._dynamo (1-5 s here, more than torch itself),
+    only to mark graph breaks for ``torch.compile``: ``Optimizer.step`` is wrapped so that every call
+    imports it (``_use_grad_for_differentiable``), and ``add_param_group``, ``zero_grad``, ``state_dict``
+    and ``load_state_dict`` import it on their first call (``torch._disable_dynamo``). A ClientApp process
+    runs one client step and compiles nothing, so that import was most of its client step. Outside
+    compilation those wrappers only set the grad mode and call the method, so this (1) fills the
+    ``torch._disable_dynamo`` cache of the marked methods with the plain method and (2) replaces the
+    ``step`` of ``classes`` with the unwrapped step run in the grad mode the wrapper sets: the same
+    update, bit for bit (tests/test_flower_node.py; the deployment test). For a ClientApp process only:
+    a process that uses ``torch.compile`` must not call it. Returns False, changing nothing, when torch's
+    wrappers are not the ones this expects (the process then imports torch._dynamo, as before)."""
+    import inspect
+
+    from torch._compile import _disable_dynamo
+
+    marker = _disable_dynamo(lambda: None).__code__  # the wrapper's code, shared by every marked function
+    marked = [v for v in vars(torch.optim.Optimizer).values() if getattr(v, "__code__", None) is marker]
+    steps = []
+    for cls in classes:
+        wrapper = cls.__dict__.get("step")
+        raw = inspect.unwrap(wrapper) if wrapper is not None else None
+        if raw is None or raw is wrapper or getattr(wrapper, "__code__", None) is None:
+            return False
+        if wrapper.__code__.co_name != "_use_grad":  # already replaced or hooked, or another torch
+            return False
+        steps.append((cls, raw))
+    if not marked or not all(callable(getattr(v, "__wrapped__", None)) for v in marked):
+        return False
+    for value in marked:
+        value.__wrapped__.__dynamo_disable = value.__wrapped__
+    for cls, raw in steps:
+
+        def step(self, closure=None, _raw=raw):
+            with torch.set_grad_enabled(self.defaults["differentiable"]):
+                return _raw(self, closure)
+
+        step.__wrapped__ = raw
+        cls.step = step
+    return True
+
+
 def peak_rss_mb() -> float:
     """This process's peak resident set size (MiB)."""
     import resource
