@@ -53,6 +53,7 @@ def test_keys_change_with_what_the_entries_depend_on_and_nothing_else(config) ->
         (replace(config, seed=1), (True, False, False)),
         (replace(config, base_novel="random", base_novel_seed=3), (True, False, False)),
         (replace(config, shots=4), (True, False, False)),
+        (replace(config, min_partition_size=2), (True, False, False)),
         (replace(config, partition="iid"), (True, False, False)),
         (replace(config, data=replace(config.data, invert=True)), (True, False, True)),
         (replace(config, data=replace(config.data, image_size=48)), (True, True, True)),

@@ -84,3 +84,28 @@ def test_lora_rejects_a_rank_that_does_not_divide_the_groups() -> None:
     model = Net()
     with pytest.raises(ValueError, match="divisible"):
         inject_lora(model, ["depthwise"], LoraConfig(rank=3))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_merged_weights_match_peft_merge(dtype) -> None:
+    # prepare: one linear and one 1x1 conv with non-zero LoRA B, ours and peft's from one seed
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(6, 5), nn.Conv2d(5, 7, 1)).to(dtype)
+    ours, theirs = copy.deepcopy(base), copy.deepcopy(base)
+    torch.manual_seed(1)
+    inject_lora(ours, ["0", "1"], LoraConfig(rank=2, alpha=8.0))
+    torch.manual_seed(1)
+    _peft_inject(theirs, ["0", "1"], LoraConfig(rank=2, alpha=8.0))
+    for model in (ours, theirs):
+        torch.manual_seed(2)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if ".lora_B." in name:
+                    p.copy_(torch.randn_like(p))
+    # execute
+    merged = [ours[k].merged_base_layer().weight for k in range(2)]
+    for k in range(2):
+        theirs[k].merge(safe_merge=True, adapter_names=["default"])
+    # assert
+    for k in range(2):
+        assert torch.equal(merged[k], theirs[k].get_base_layer().weight), k

@@ -66,6 +66,31 @@ class LoraWrapper(nn.Module):
         """The frozen base weight (code that reads ``module.weight`` keeps working, as with peft)."""
         return self.base_layer.weight
 
+    @torch.no_grad()
+    def merged_base_layer(self) -> nn.Module:
+        """The base layer with ``W + scaling * B A`` in its weight, as peft's ``merge(safe_merge=True)``
+        computes it (nn.Linear, 1x1 nn.Conv2d); the wrapper must not be used afterwards."""
+        base = self.base_layer
+        a, b = self.lora_A[ADAPTER].weight, self.lora_B[ADAPTER].weight
+        # peft casts half-precision CPU weights to float32 for the product (slow fp16 matmuls on CPU)
+        half_on_cpu = b.device.type == "cpu" and b.dtype in (torch.float16, torch.bfloat16)
+        if half_on_cpu:
+            a, b = a.float(), b.float()
+        if isinstance(base, nn.Linear):
+            delta = (b @ a) * self.scaling
+        elif base.weight.shape[2:4] == (1, 1):
+            delta = (b.squeeze(3).squeeze(2) @ a.squeeze(3).squeeze(2)).unsqueeze(2).unsqueeze(3) * self.scaling
+        else:
+            raise NotImplementedError("merging LoRA into a conv layer with a kernel larger than 1x1")
+        if half_on_cpu:
+            delta = delta.to(self.lora_B[ADAPTER].weight.dtype)
+        weight = base.weight.data.clone()
+        weight += delta.to(weight.dtype)
+        if not torch.isfinite(weight).all():
+            raise ValueError("NaNs or infinities in the merged LoRA weights")
+        base.weight.data = weight
+        return base
+
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
         result_dtype = result.dtype

@@ -117,6 +117,7 @@ def partition_key(config: ExperimentConfig, client_id: int) -> dict[str, Any]:
         "classes_per_client": config.classes_per_client,
         "shots": config.shots,
         "max_train_per_client": config.max_train_per_client,
+        "min_partition_size": config.min_partition_size,
         "client_id": client_id,
         "env": environment_key(threads=False),
     }
