@@ -15,6 +15,7 @@ src/), so the same script times main's code and a branch. Prints Markdown tables
 
 Usage: python benchmarks/node_messages.py --label after [--src DIR] [--config tiny] [--set key=value ...]
        [--runs 2] [--out DIR]
+       python benchmarks/node_messages.py --compare OUT [OUT ...]   # condensed table of earlier measurements
 """
 
 from __future__ import annotations
@@ -158,7 +159,54 @@ def messages(probe_log: Path, runs: list[dict]) -> list[dict]:
     return sorted(out, key=lambda m: (m["run"] or 0, m["marks"].get("start", 0)))
 
 
+def message_class(m: dict, first_train: set) -> str:
+    if m.get("type") == "query":
+        return "hello"
+    key = (m["run"], m.get("partition"))
+    if m["run"] == 1 and key not in first_train:
+        first_train.add(key)
+        return "first train (run 1)"
+    return "later train"
+
+
+def compare(folders: list[str]) -> None:
+    """Condensed per-phase table of earlier measurements: the median of each message class's phases."""
+    print("| code | message | n | " + " | ".join(name for name, _, _ in PHASES) + " | overhead | total | peak RSS (MiB) |")
+    print("|---|---|---|" + "---|" * len(PHASES) + "---|---|---|")
+    for folder in folders:
+        result = json.loads((Path(folder) / "summary.json").read_text())
+        groups: dict[str, list[dict]] = {}
+        first: set = set()
+        for m in result["messages"]:
+            groups.setdefault(message_class(m, first), []).append(m)
+        for cls in ("hello", "first train (run 1)", "later train"):
+            ms = groups.get(cls, [])
+            if not ms:
+                continue
+
+            def med(values: list[float]) -> str:
+                return f"{statistics.median(values):.2f}" if values else ""
+
+            cells = " | ".join(med([m["phases"][n] for m in ms if n in m["phases"]]) for n, _, _ in PHASES)
+            over = med([m["overhead_s"] for m in ms if "overhead_s" in m])
+            total = med([m["total_s"] for m in ms if "total_s" in m])
+            rss = med([m["peak_rss_mib"] for m in ms if "peak_rss_mib" in m]).split(".")[0]
+            print(f"| {result['label']} | {cls} | {len(ms)} | {cells} | {over} | {total} | {rss} |")
+    print()
+    for folder in folders:
+        r = json.loads((Path(folder) / "summary.json").read_text())
+        load = r["load_avg_1min"]
+        rounds = "; ".join(f"run {d['run']}: {', '.join(f'{t:.1f}' for t in d['rounds'])}" for d in r["deployment"])
+        print(f"- {r['label']}: `import torch, flwr` median {statistics.median(r['import_torch_flwr_s']):.2f} s; "
+              f"in-process rounds {', '.join(f'{t:.1f}' for t in r['inprocess']['rounds'])} s; deployment rounds {rounds} s; "
+              f"backbone build {r['build']['backbone_build_s']:.1f} s, trunk pass {r['build']['trunk_pass_s']:.2f} s; "
+              f"load average {min(load):.1f}-{max(load):.1f} ({r['started']})")
+
+
 def main() -> None:
+    if sys.argv[1:2] == ["--compare"]:
+        compare(sys.argv[2:])
+        return
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--label", required=True, help="name of this measurement (before, after, ...)")
     parser.add_argument("--src", default=str(HERE.parent / "src"), help="the src/ folder of the feddtl code to time")

@@ -226,9 +226,10 @@ class NodeData:
 
             entry = self.cache.get_or_build("backbone", backbone_key(self.config), build)
             try:
-                self.backbone = built.get("backbone") or make_backbone(
-                    self.config, derived=entry.tensors(), text_tower=text_tower
-                )
+                if "backbone" in built:  # this process built it (in full): use it as it is
+                    self.backbone = built["backbone"]
+                else:
+                    self.backbone = make_backbone(self.config, derived=entry.tensors(), text_tower=text_tower)
             finally:
                 entry.close()
         self.trunk_cache = TrunkCache(
