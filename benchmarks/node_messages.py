@@ -1,7 +1,7 @@
 """Where a Deployment Engine message's time goes, per phase, for one version of feddtl's code.
 
 Runs, in one sitting and with one torch thread everywhere (OMP_NUM_THREADS=1):
-1. ``python -c "import torch, flwr"`` a few times (the floor of any ClientApp process);
+1. ``python -c "import torch, flwr"`` a few times before and after the runs (the floor of any ClientApp process);
 2. the backbone build and one client's trunk pass, timed in process (what a node's first message must do);
 3. the config in process (``feddtl run``): the reference round times and numbers;
 4. the config on a loopback deployment (feddtl.flower.deploy: SuperLink and one SuperNode per client,
@@ -47,6 +47,13 @@ PHASES = [
     ("state load", "call", "step"),
     ("client step", "step", "step_end"),
     ("reply, exit", "step_end", "exit"),
+]
+"""The phases of one message in the tables; FLOWER_PHASES split "flwr start, pull" (where the probe saw them)."""
+FLOWER_PHASES = [
+    ("flwr imports", "python", "run"),
+    ("pull task", "run", "pulled"),
+    ("install app", "pulled", "fab"),
+    ("load app", "fab", "import"),
 ]
 
 
@@ -150,7 +157,7 @@ def messages(probe_log: Path, runs: list[dict]) -> list[dict]:
         m = json.loads(line)
         marks = m["marks"]
         m["run"] = next((r["run"] for r in runs if r["wall_start"] <= m["wall"] <= r["wall_end"] + 5), None)
-        m["phases"] = {name: marks[b] - marks[a] for name, a, b in PHASES if a in marks and b in marks}
+        m["phases"] = {name: marks[b] - marks[a] for name, a, b in PHASES + FLOWER_PHASES if a in marks and b in marks}
         if "step" in marks and "start" in marks:
             m["overhead_s"] = marks["step"] - marks["start"]
         if "start" in marks and "exit" in marks:
@@ -192,6 +199,19 @@ def compare(folders: list[str]) -> None:
             total = med([m["total_s"] for m in ms if "total_s" in m])
             rss = med([m["peak_rss_mib"] for m in ms if "peak_rss_mib" in m]).split(".")[0]
             print(f"| {result['label']} | {cls} | {len(ms)} | {cells} | {over} | {total} | {rss} |")
+    print("\nFlower's part of \"flwr start, pull\" (medians, where the probe recorded it):\n")
+    print("| code | message | " + " | ".join(name for name, _, _ in FLOWER_PHASES) + " |")
+    print("|---|---|" + "---|" * len(FLOWER_PHASES))
+    for folder in folders:
+        result = json.loads((Path(folder) / "summary.json").read_text())
+        groups = {}
+        first = set()
+        for m in result["messages"]:
+            groups.setdefault(message_class(m, first), []).append(m)
+        for cls, ms in groups.items():
+            values = [[m["phases"][n] for m in ms if n in m["phases"]] for n, _, _ in FLOWER_PHASES]
+            if all(values):
+                print(f"| {result['label']} | {cls} | " + " | ".join(f"{statistics.median(v):.2f}" for v in values) + " |")
     print()
     for folder in folders:
         r = json.loads((Path(folder) / "summary.json").read_text())
@@ -223,10 +243,12 @@ def main() -> None:
     load = LoadSampler()
     load.start()
     started = time.strftime("%Y-%m-%d %H:%M:%S")
+    # The floor is timed before and after the runs: the load of a shared machine drifts within minutes.
     floor = import_floor(src, args.imports)
     builds = build_times(src, args.config, args.set)
     inproc_s = inprocess(src, args.config, args.set, out / "inprocess")
     runs = deployment(src, args.config, args.set, out, args.runs, probe_log)
+    floor += import_floor(src, args.imports)
     load.stopped.set()
     reference = summary(out / "inprocess")
     for r in runs:

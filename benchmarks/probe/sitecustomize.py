@@ -8,8 +8,10 @@ process computes, and needs nothing of the feddtl code under test, so one probe 
 Marks, in seconds on CLOCK_BOOTTIME (the clock the kernel's process start time is on):
 - ``start``: the kernel's start time of the process (10 ms resolution);
 - ``python``: the interpreter ran site (this file);
-- ``import``: the first ``feddtl`` module was looked up (flwr has started, pulled the message, installed the
-  FAB and now loads the ClientApp);
+- ``run``: Flower's ``run_clientapp`` entered (flwr-clientapp's own imports done);
+- ``pulled``: the task, its context and the message pulled from the SuperNode;
+- ``fab``: the app (FAB) unpacked and installed;
+- ``import``: the first ``feddtl`` module was looked up (Flower now loads the ClientApp);
 - ``call`` / ``call_end``: ClientApp.__call__ entered / returned (the handler);
 - ``step`` / ``step_end``: the method's ``client_step`` entered / returned (train messages);
 - ``exit``: atexit, after the reply was pushed.
@@ -83,6 +85,48 @@ def _install() -> None:
             return None
 
     sys.meta_path.insert(0, FirstFeddtlImport())
+
+    def timed(function, before: str | None, after: str | None):
+        def wrapper(*args, **kwargs):
+            if before:
+                marks[before] = now()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                if after:
+                    marks[after] = now()
+
+        return wrapper
+
+    class FlowerRuntime:
+        """Wraps three functions of flwr's run_clientapp module right after it executes (before the CLI
+        binds them): the entry of run_clientapp, pulling the task, installing the FAB."""
+
+        NAME = "flwr.supernode.runtime.run_clientapp"
+
+        def find_spec(self, name, path=None, target=None):
+            if name != self.NAME:
+                return None
+            sys.meta_path.remove(self)
+            import importlib.util
+
+            spec = importlib.util.find_spec(name)
+            if spec is None or spec.loader is None:
+                return spec
+            exec_module = spec.loader.exec_module
+
+            def patched(module) -> None:
+                exec_module(module)
+                for attr, before, after in (
+                    ("run_clientapp", "run", None), ("pull_task_input", None, "pulled"), ("install_from_fab", None, "fab"),
+                ):
+                    if callable(getattr(module, attr, None)):
+                        setattr(module, attr, timed(getattr(module, attr), before, after))
+
+            spec.loader.exec_module = patched
+            return spec
+
+    sys.meta_path.insert(0, FlowerRuntime())
 
     def write() -> None:
         marks["exit"] = now()
