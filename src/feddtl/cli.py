@@ -29,10 +29,10 @@ def _check_run_args(args: argparse.Namespace) -> None:
 
 def _run_target(args: argparse.Namespace) -> tuple[ExperimentConfig, str]:
     """(config, run directory) of `feddtl run`: fresh, resumed, or restarted (``--resume DIR --restart``)."""
-    from feddtl.server.checkpoint import load_run_config
-
     if args.resume is None:
         return load_config(args.config, args.set or []), args.out
+    from feddtl.server.checkpoint import load_run_config  # imports torch: resumed runs only
+
     return load_run_config(args.resume, args.set or []), args.resume
 
 
@@ -77,6 +77,14 @@ def _summary(results: dict) -> str:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    # A fresh run's config is read and validated before anything heavy is imported: a bad key is reported
+    # in a fraction of a second instead of after torch, transformers and the server code loaded (7-18 s).
+    try:
+        _check_run_args(args)
+        fresh = _run_target(args) if args.resume is None else None
+    except ConfigError as exc:
+        print(f"feddtl: config error: {exc}", file=sys.stderr)
+        return 2
     from feddtl.backbones.base import BackboneError
     from feddtl.server.checkpoint import CheckpointError
     from feddtl.data import DatasetError
@@ -87,7 +95,6 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from feddtl.server.stop import RunStopped, StopRequest, stop_on_signals
 
     try:
-        _check_run_args(args)
         if args.resume is not None and not args.restart:
             # A finished run is reported and left alone, whatever engine wrote it: resuming it would
             # only rewrite its results (and relabel their engine).
@@ -98,7 +105,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
                     f"to resume, nothing changed. `feddtl run --resume {args.resume} --restart` runs it again"
                 )
                 return 0
-        config, out = _run_target(args)
+        config, out = fresh or _run_target(args)
         check_image_size(config)  # every engine: before the Flower simulation starts, too
         RunDir(out)  # --out at a file, below one or where nothing can be written: one line, before the setup
     except ConfigError as exc:
@@ -173,6 +180,53 @@ def _cmd_flower_certs(args: argparse.Namespace) -> int:
         return 2
     for what, path in paths.items():
         print(f"{what:<16} {path}")
+    return 0
+
+
+def _node_cache(args: argparse.Namespace):
+    from feddtl.cache.node_cache import NodeCache
+    from feddtl.config.node_cache_config import NodeCacheConfig
+
+    settings = NodeCacheConfig(dir=args.dir)
+    return NodeCache(settings.folder(), settings.max_bytes)
+
+
+def _cmd_cache_ls(args: argparse.Namespace) -> int:
+    import time
+
+    cache = _node_cache(args)
+    entries = cache.entries()
+    print(f"node cache {cache.root}: {len(entries)} entries, {sum(e.nbytes for e in entries) / 2**20:.1f} MiB")
+    if entries:
+        print(f"{'entry':<42} {'MiB':>9}  {'last used':<19}  what")
+    for e in reversed(entries):  # most recently used first
+        used = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e.last_used))
+        print(f"{e.name:<42} {e.nbytes / 2**20:>9.2f}  {used:<19}  {_describe_entry(e.kind, e.key)}")
+    return 0
+
+
+def _describe_entry(kind: str, key: dict) -> str:
+    """A few words on what a node-cache entry holds (its key has everything; see feddtl.flower.node)."""
+    try:
+        if kind == "backbone":
+            return f"backbone {key['backbone']} (derived tensors)"
+        if kind == "partition":
+            return f"{key['dataset']} partition {key['client_id']} of {key['num_clients']} ({key['partition']}, seed {key['seed']})"
+        if kind == "trunk":
+            return (
+                f"trunk features: {key['backbone']['backbone']} up to block {key['image_start_block']}, "
+                f"{key['images']} {key['dataset']} images"
+            )
+    except (KeyError, TypeError):
+        pass
+    return kind
+
+
+def _cmd_cache_clear(args: argparse.Namespace) -> int:
+    cache = _node_cache(args)
+    removed, freed, kept = cache.clear()
+    busy = f"; {kept} in use by a running process kept" if kept else ""
+    print(f"node cache {cache.root}: removed {removed} entries ({freed / 2**20:.1f} MiB){busy}")
     return 0
 
 
@@ -370,6 +424,21 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="where the model runs (default auto)")
     predict.add_argument("--quiet", action="store_true", help="no progress bar")
     predict.set_defaults(func=_cmd_predict)
+    cache = sub.add_parser(
+        "cache",
+        help="list or clear a Flower SuperNode's node cache (backbone, partition and trunk features kept between messages)",
+    )
+    cache_sub = cache.add_subparsers(dest="cache_command", required=True)
+    dir_help = (
+        "the node cache folder (default: as a SuperNode started here resolves it: $FEDDTL_NODE_CACHE_DIR, "
+        "else $FLWR_HOME/feddtl-node-cache, else ./feddtl-node-cache)"
+    )
+    cache_ls = cache_sub.add_parser("ls", help="list the entries, most recently used first")
+    cache_ls.add_argument("--dir", default=None, help=dir_help)
+    cache_ls.set_defaults(func=_cmd_cache_ls)
+    cache_clear = cache_sub.add_parser("clear", help="remove every entry (entries a running message holds stay)")
+    cache_clear.add_argument("--dir", default=None, help=dir_help)
+    cache_clear.set_defaults(func=_cmd_cache_clear)
     sub.add_parser("methods", help="list methods").set_defaults(func=_cmd_methods)
     sub.add_parser("presets", help="list preset configs").set_defaults(func=_cmd_presets)
     return parser

@@ -47,11 +47,17 @@ def check_image_size(config: ExperimentConfig) -> None:
         )
 
 
-def make_backbone(config: ExperimentConfig) -> Backbone:
-    """The configured backbone with LoRA on both tails, on the configured device."""
+def make_backbone(
+    config: ExperimentConfig, derived: dict[str, torch.Tensor] | None = None, text_tower: bool = True
+) -> Backbone:
+    """The configured backbone with LoRA on both tails, on the configured device.
+
+    ``derived``, ``text_tower``: see ``build_backbone`` (a node's cached bridge; an image-only build)."""
     check_image_size(config)
     torch.manual_seed(config.seed)
-    backbone = build_backbone(config.backbone, config.data.image_size, config.backbone_options)
+    backbone = build_backbone(
+        config.backbone, config.data.image_size, config.backbone_options, derived=derived, text_tower=text_tower
+    )
     try:
         backbone.add_lora(config.lora)
     except ValueError as exc:  # lora.*_start_block out of range for this backbone

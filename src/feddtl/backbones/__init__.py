@@ -22,8 +22,18 @@ def min_image_size(spec: str) -> int | None:
     return None
 
 
-def build_backbone(spec: str, image_size: int, options: "BackboneConfig") -> Backbone:  # noqa: F821
-    """Build a backbone from its config name: "lite" or "hf-clip:<hub id or local path>"."""
+def build_backbone(
+    spec: str,
+    image_size: int,
+    options: "BackboneConfig",  # noqa: F821
+    derived: dict | None = None,
+    text_tower: bool = True,
+) -> Backbone:
+    """Build a backbone from its config name: "lite" or "hf-clip:<hub id or local path>".
+
+    ``derived``: the ``derived_tensors()`` of an earlier build with the same arguments, so the build skips
+    computing them. ``text_tower=False``: leave the text tower out where the backbone can (lite, given
+    ``derived``); the others build it anyway."""
     if spec == "lite":
         from feddtl.backbones.lite import LiteBackbone
 
@@ -33,6 +43,8 @@ def build_backbone(spec: str, image_size: int, options: "BackboneConfig") -> Bac
             bridge_temperature=options.bridge_temperature,
             template=options.template,
             logit_scale=100.0 if options.logit_scale is None else options.logit_scale,
+            derived=derived or None,
+            text_tower=text_tower or not derived,
         )
     if spec.startswith("hf-clip:"):
         from feddtl.backbones.hf_clip import HFClipBackbone

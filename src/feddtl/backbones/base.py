@@ -97,6 +97,18 @@ class Backbone(nn.Module, abc.ABC):
         tokens)`` equals ``text_tail(text_trunk(tokens))``: positions are added inside, as usual."""
         raise NotImplementedError(f"backbone {self.info.name!r} does not support prompt learning")
 
+    # ----- what a build computes -----------------------------------------------------------------
+    def derived_tensors(self) -> dict[str, torch.Tensor]:
+        """Tensors the build computed from the weights (not loaded from them), e.g. the lite backbone's
+        text bridge: a node may keep them on disk and pass them back to ``build_backbone(derived=...)``
+        to skip the computation. Default: none."""
+        return {}
+
+    @property
+    def has_text_tower(self) -> bool:
+        """False for a backbone built without its text tower (``build_backbone(text_tower=False)``)."""
+        return True
+
     # ----- LoRA --------------------------------------------------------------------------------
     @abc.abstractmethod
     def lora_targets(self, image_start: int, text_start: int) -> tuple[list[str], list[str]]:
@@ -165,7 +177,7 @@ class Backbone(nn.Module, abc.ABC):
         drop-connect stay in eval mode) and they are put back on exit. The masks are drawn from the
         global RNG re-seeded with ``seed`` (salted) inside a fork of it, so a step is reproducible from
         its seed whatever ran before it in the process, and the RNG state outside the block is untouched.
-        With ``lora.dropout = 0`` peft builds no dropout modules and the block does nothing at all.
+        With ``lora.dropout = 0`` the LoRA layers hold no dropout modules and the block does nothing at all.
         """
         dropouts = [
             module

@@ -5,6 +5,11 @@ were never trained together; a zero-training bridge puts them in one space: the 
 the probability-weighted mean of the text tower's embeddings of "a photo of a {c}." over the 1000
 ImageNet classes c, weighted by the image tower's ImageNet classifier probabilities (top-k,
 temperature). The bridge matrix is computed once with the frozen (LoRA-free) text tower.
+
+Building the bridge runs the text tower over 1000 prompts (10-20 s on a CPU): it is the backbone's
+``derived_tensors()``, which a Flower node keeps on disk and hands back (``derived=``) to skip that. With
+the bridge given, ``text_tower=False`` builds the image tower alone, without importing transformers: what a
+node needs for a method whose clients never run the text tower (FedDTL).
 """
 
 from __future__ import annotations
@@ -103,19 +108,25 @@ class LiteBackbone(Backbone):
         template: str = "a photo of a {}.",
         logit_scale: float = 100.0,
         bridge: torch.Tensor | None = None,
+        derived: dict[str, torch.Tensor] | None = None,
+        text_tower: bool = True,
     ) -> None:
         """``bridge``: a bridge computed before (an export's), which skips the text tower's pass over the
-        1000 prompts (most of the construction time); None computes it with ``template``."""
+        1000 prompts (most of the construction time); None computes it with ``template``. ``derived``: an
+        earlier build's ``derived_tensors()`` with the same arguments (a Flower node's cache; its bridge is
+        taken). ``text_tower=False`` (needs ``derived``): no text tower, no transformers import."""
         super().__init__()
         if image_size < LITE_DOWNSAMPLING:
             raise BackboneError(
                 f"lite backbone: image_size {image_size} is too small; EfficientNet-Lite0 downsamples by "
                 f"{LITE_DOWNSAMPLING}, so the minimum is {LITE_DOWNSAMPLING} px"
             )
+        if not text_tower and derived is None:
+            raise BackboneError("the lite backbone without its text tower needs the bridge of an earlier build (derived=)")
         # channels_last: oneDNN's depthwise convolutions (and their backward) run ~3x faster in it on CPU,
         # which makes a cached-trunk training step ~1.3x faster (benchmarks/cache_speed.py).
         self.image_net = _load_efficientnet_lite0().to(memory_format=torch.channels_last)
-        self.text_net, self.tokenizer = _load_minilm()
+        self.text_net, self.tokenizer = _load_minilm() if text_tower else (None, None)
         self.bridge_top_k = bridge_top_k
         self.bridge_temperature = bridge_temperature
         self.logit_scale = float(logit_scale)
@@ -123,10 +134,13 @@ class LiteBackbone(Backbone):
         self.image_mean = (127.0 / 255.0,) * 3
         self.image_std = (128.0 / 255.0,) * 3
         num_blocks = len(self.image_net._blocks)
-        num_layers = len(self.text_net.encoder.layer)
+        if self.text_net is not None:
+            num_layers, hidden = len(self.text_net.encoder.layer), self.text_net.config.hidden_size
+        else:
+            num_layers, hidden = int(derived["text_blocks"]), int(derived["bridge"].shape[1])
         self.info = BackboneInfo(
             name="lite",
-            embed_dim=self.text_net.config.hidden_size,
+            embed_dim=hidden,
             image_size=image_size,
             num_image_blocks=num_blocks,
             num_text_blocks=num_layers,
@@ -135,6 +149,12 @@ class LiteBackbone(Backbone):
         )
         self.set_split(None, None)
         self.eval()
+        if derived is not None:
+            bridge = derived["bridge"]
+            if tuple(bridge.shape) != (1000, hidden) or bridge.dtype != torch.float32:
+                raise BackboneError(f"lite: a bridge of shape {tuple(bridge.shape)} {bridge.dtype} was given, expected (1000, {hidden}) float32")
+            if int(derived["text_blocks"]) != num_layers:
+                raise BackboneError(f"lite: the given bridge is of a text tower with {int(derived['text_blocks'])} layers, not {num_layers}")
         if bridge is None:
             with torch.no_grad():
                 prompts = [template.format(c) for c in imagenet_classnames()]
@@ -143,6 +163,18 @@ class LiteBackbone(Backbone):
         elif tuple(bridge.shape) != (1000, self.info.embed_dim):
             raise ValueError(f"bridge shape {tuple(bridge.shape)} != (1000, {self.info.embed_dim})")
         self.register_buffer("bridge", bridge.float(), persistent=False)
+
+    def derived_tensors(self) -> dict[str, torch.Tensor]:
+        return {"bridge": self.bridge.detach().cpu(), "text_blocks": torch.tensor(self.info.num_text_blocks)}
+
+    @property
+    def has_text_tower(self) -> bool:
+        return self.text_net is not None
+
+    def _text_net(self) -> nn.Module:
+        if self.text_net is None:
+            raise BackboneError("this lite backbone was built without its text tower (text_tower=False)")
+        return self.text_net
 
     # ----- image tower ---------------------------------------------------------------------------
     def image_trunk(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -168,11 +200,12 @@ class LiteBackbone(Backbone):
 
     # ----- text tower ----------------------------------------------------------------------------
     def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        self._text_net()
         enc = self.tokenizer(texts, padding=True, truncation=True, max_length=64, return_tensors="pt")
         return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
 
     def text_trunk(self, tokens: dict[str, torch.Tensor]) -> TextFeatures:
-        net = self.text_net
+        net = self._text_net()
         mask = tokens["attention_mask"]
         hidden = net.embeddings(input_ids=tokens["input_ids"])
         mask4d = padding_mask_4d(mask, hidden.dtype)
@@ -183,17 +216,17 @@ class LiteBackbone(Backbone):
     def text_tail(self, feats: TextFeatures) -> torch.Tensor:
         hidden, mask = feats["hidden"], feats["attention_mask"]
         mask4d = padding_mask_4d(mask, hidden.dtype)
-        for layer in self.text_net.encoder.layer[self.text_start_block :]:
+        for layer in self._text_net().encoder.layer[self.text_start_block :]:
             hidden = run_layer(layer, hidden, mask4d)
         # sentence-transformers' mean pooling over real tokens
         m = mask.unsqueeze(-1).to(hidden.dtype)
         return (hidden * m).sum(1) / m.sum(1).clamp_min(1e-9)
 
     def text_token_embeddings(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.text_net.embeddings.word_embeddings(input_ids)
+        return self._text_net().embeddings.word_embeddings(input_ids)
 
     def text_from_token_embeddings(self, embeds: torch.Tensor, tokens: dict[str, torch.Tensor]) -> torch.Tensor:
-        net = self.text_net
+        net = self._text_net()
         mask = tokens["attention_mask"].to(embeds.device)
         hidden = net.embeddings(inputs_embeds=embeds)  # + position and token-type embeddings, LayerNorm
         mask4d = padding_mask_4d(mask, hidden.dtype)
@@ -211,7 +244,8 @@ class LiteBackbone(Backbone):
                     image.append(f"image_net._blocks.{i}.{name}")
         image += ["image_net._conv_head", "image_net._fc"]
         text: list[str] = []
-        for i in range(text_start, len(self.text_net.encoder.layer)):
+        layers = 0 if self.text_net is None else len(self.text_net.encoder.layer)  # no text tower: no text LoRA
+        for i in range(text_start, layers):
             text += [
                 f"text_net.encoder.layer.{i}.attention.self.query",
                 f"text_net.encoder.layer.{i}.attention.self.value",

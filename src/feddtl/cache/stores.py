@@ -55,11 +55,16 @@ class TensorStore:
 
 
 class MemmapStore:
-    """Trunk outputs in a ``.npy`` file on disk, memory-mapped read-only."""
+    """Trunk outputs in a file on disk, memory-mapped read-only: a ``.npy`` file by path, or an array
+    already mapped (a node-cache entry's safetensors file)."""
 
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        self.array = np.load(self.path, mmap_mode="r")
+    def __init__(self, source: str | Path | np.ndarray) -> None:
+        if isinstance(source, np.ndarray):
+            self.array = source
+            self.path = Path(source.filename) if getattr(source, "filename", None) else None
+        else:
+            self.path = Path(source)
+            self.array = np.load(self.path, mmap_mode="r")
 
     def __len__(self) -> int:
         return len(self.array)

@@ -4,6 +4,9 @@
 keeps the outputs in RAM while the run's budget allows, else in a memmap file under the run
 directory. With ``cache.enabled = false`` it returns a ``PixelStore`` that recomputes on every read.
 Each client gets its own store (a client only ever encodes its own images); so do the test sets.
+
+``TrunkCache.persistent_store`` keeps a store in a ``NodeCache`` instead (a Flower SuperNode's node cache),
+so the next process with the same inputs loads the features rather than running the trunk again.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import shutil
 import tempfile
 import time
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +25,7 @@ import torch
 
 from feddtl.backbones.base import Backbone
 from feddtl.config.cache_config import CacheConfig
+from feddtl.cache.node_cache import NodeCache, write_tensor_stream
 from feddtl.cache.stores import MemmapStore, PixelStore, TensorStore
 from feddtl.data import ImageDataset, dataset_to_tensor
 
@@ -119,6 +123,62 @@ class TrunkCache:
             kind = "disk"
         self.build_s += time.perf_counter() - started
         self.infos.append(StoreInfo(name, len(indices), kind, nbytes))
+        return out
+
+    def persistent_store(
+        self,
+        name: str,
+        node: NodeCache,
+        key: Mapping[str, Any],
+        images: Callable[[], tuple[ImageDataset, np.ndarray]],
+    ) -> TensorStore | MemmapStore | PixelStore:
+        """Trunk features of the images ``images()`` returns, kept in ``node`` under ``key`` (what the images
+        are: dataset, indices, backbone and its split; this cache adds its dtype, batch size, image size and
+        inversion). Loaded when a valid entry exists, else computed once and published; then held in memory
+        while the budget allows, else read through a memmap of the entry. ``images`` is called only when
+        the features are computed (a node that has them never loads its dataset)."""
+        if any(info.name == name for info in self.infos):
+            raise ValueError(f"trunk cache: a store named {name!r} exists already")
+        if not self.config.enabled:
+            return self.store(name, *images())
+        key = {
+            **key,
+            "trunk_cache": {
+                "dtype": self.config.dtype, "batch_size": self.config.batch_size,
+                "image_size": self.image_size, "invert": self.invert,
+            },
+        }
+
+        def build(path) -> None:
+            dataset, indices = images()
+            indices = np.asarray(indices, dtype=np.int64).reshape(-1)
+            if len(indices) == 0:
+                raise ValueError(f"trunk cache: no images to encode for {name!r}")
+            batches = trunk_batches(
+                self.backbone, dataset, indices, self.image_size, self.invert, self.config.batch_size
+            )
+            first = next(batches)
+            shape = (len(indices), *first.shape[1:])
+            write_tensor_stream(path, "features", shape, self.torch_dtype, _chain(first, batches))
+
+        started = time.perf_counter()
+        entry = node.get_or_build("trunk", key, build, keep_bytes=False)
+        try:
+            array = entry.memmap("features")
+        finally:
+            entry.close()  # the map holds the file open itself
+        nbytes = int(array.nbytes)
+        if self.memory_bytes + nbytes <= self.budget_bytes:
+            out: TensorStore | MemmapStore = TensorStore(torch.from_numpy(np.array(array)))
+            self.memory_bytes += nbytes
+            kind = "memory"
+        else:
+            out = MemmapStore(array)
+            self.disk_bytes += nbytes
+            kind = "disk"
+        if entry.built:
+            self.build_s += time.perf_counter() - started
+        self.infos.append(StoreInfo(name, len(array), kind, nbytes))
         return out
 
     def _fill_memory(self, shape: tuple[int, ...], first: torch.Tensor, rest: Iterator[torch.Tensor]) -> TensorStore:

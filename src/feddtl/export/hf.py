@@ -36,17 +36,16 @@ RESAMPLE = "bilinear"
 
 
 def without_lora(model: nn.Module, merge: bool) -> nn.Module:
-    """A copy of ``model`` with every peft LoRA wrapper replaced by its base layer; ``merge``: with
-    W + scale * B A in the weights (peft's own merge), else the untouched base weights."""
-    from peft.tuners.lora import LoraLayer
+    """A copy of ``model`` with every LoRA wrapper (feddtl.backbones.lora) replaced by its base layer;
+    ``merge``: with W + scale * B A in the weights (computed as peft's merge), else the untouched base weights."""
+    from feddtl.backbones.lora import LoraWrapper
 
     clone = copy.deepcopy(model)
-    wrapped = [(name, m) for name, m in clone.named_modules() if isinstance(m, LoraLayer)]
+    wrapped = [(name, m) for name, m in clone.named_modules() if isinstance(m, LoraWrapper)]
     for name, module in wrapped:
-        if merge:
-            module.merge(safe_merge=True, adapter_names=list(module.lora_A.keys()))
+        base = module.merged_base_layer() if merge else module.base_layer
         parent, _, child = name.rpartition(".")
-        setattr(clone.get_submodule(parent) if parent else clone, child, module.get_base_layer())
+        setattr(clone.get_submodule(parent) if parent else clone, child, base)
     return clone
 
 

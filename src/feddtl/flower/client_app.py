@@ -4,27 +4,31 @@ The node's partition comes from its ``node_config`` (``partition-id``, ``num-par
 experiment's configuration comes with every message from the ServerApp. The node builds only its
 own client (same dataset, partitioner and seed as the in-process run) and runs the method's own
 ``client_step`` with the same per-round seed, so a round here computes what it computes in process.
+
+Flower 1.42 runs every message in a fresh process (``flwr-clientapp``), so what does not change
+between messages (the partition, the backbone's derived tensors, the trunk features) is kept in the
+node cache on disk (``feddtl.flower.node``; ``cache-dir`` / ``cache-max-mb`` in the node config).
+This module imports only what a message needs: no server, benchmark or plotting code, and for a
+method whose clients never run the text tower (FedDTL) a lite backbone without it (no transformers).
 """
 
 from __future__ import annotations
 
-import atexit
 import hashlib
-from dataclasses import dataclass, field
+import time
+from dataclasses import dataclass
+from logging import INFO
 
 from flwr.app import Context, Message, UserConfig
 from flwr.clientapp import ClientApp
+from flwr.common import log
 
-from feddtl.algorithm.client import ClientData
-from feddtl.backbones.base import Backbone
-from feddtl.cache import TrunkCache
 from feddtl.config import ConfigError, ExperimentConfig, loads_config
-from feddtl.data import DatasetSplits, load_dataset
-from feddtl.federation import build_client, class_split, client_partition, make_backbone, prompt_features, to_base_index
+from feddtl.config.node_cache_config import NodeCacheConfig
 from feddtl.flower import records
+from feddtl.flower.node import NodeData, open_node_cache, optimizers_without_dynamo, peak_rss_mb, process_age_s
 from feddtl.flower.versions import node_versions
 from feddtl.methods import get_method
-from feddtl.methods.text_side import with_base_text
 from feddtl.server.clients import client_seed
 
 PARTITION_ID = "partition-id"
@@ -50,32 +54,32 @@ def node_partition(node_config: UserConfig) -> tuple[int, int]:
     return pid, n
 
 
+def node_log(line: str) -> None:
+    log(INFO, "feddtl node: %s", line)
+
+
 @dataclass
 class NodeState:
-    """What a node keeps between messages while it stays in one process (Simulation Engine actors)."""
+    """What a process keeps between the messages it serves: one per process in the Deployment Engine
+    (a message each), many in a Simulation Engine actor (possibly of several partitions)."""
 
     key: str
     config: ExperimentConfig
-    splits: DatasetSplits
-    num_classes: int
-    backbone: Backbone | None = None
-    cache: TrunkCache | None = None
-    """The node's own trunk cache (config [cache], as in process); its disk files go at exit."""
-    clients: dict[int, ClientData] = field(default_factory=dict)
+    data: NodeData
 
 
 _state: NodeState | None = None
-"""Per-process cache. The Deployment Engine starts a fresh process per message, so it only pays
-off in the Simulation Engine, whose actors serve many messages (possibly of several partitions)."""
 
 
-def node_state(experiment_toml: str, num_partitions: int) -> NodeState:
+def node_state(experiment_toml: str, num_partitions: int, node_config: UserConfig) -> NodeState:
     global _state
     key = hashlib.sha256(experiment_toml.encode()).hexdigest()
     if _state is None or _state.key != key:
         config = loads_config(experiment_toml, source="the configuration sent by the ServerApp")
-        splits = load_dataset(config.dataset, config.data, seed=config.seed)
-        _state = NodeState(key, config, splits, num_classes=len(class_split(config, splits).base))
+        if _state is not None:
+            _state.data.close()
+        cache = open_node_cache(NodeCacheConfig.from_node_config(node_config), node_log)
+        _state = NodeState(key, config, NodeData(config, cache))
     if num_partitions != _state.config.num_clients:
         raise ConfigError(
             f"this SuperNode has {NUM_PARTITIONS}={num_partitions} but the run's config has "
@@ -85,21 +89,33 @@ def node_state(experiment_toml: str, num_partitions: int) -> NodeState:
     return _state
 
 
-def client_data(state: NodeState, partition_id: int) -> tuple[Backbone, ClientData]:
+def client_data(state: NodeState, partition_id: int):
+    """The backbone and this partition's client data, the way the method's client step needs them."""
     config = state.config
-    if state.backbone is None:
-        state.backbone = make_backbone(config)
-        state.cache = TrunkCache(
-            config.cache, state.backbone, config.data.image_size, config.data.invert, log_fn=lambda s: None
-        )
-        atexit.register(state.cache.close)
-    if partition_id not in state.clients:
-        data = build_client(config, partition_id, state.backbone, state.splits, state.cache)
-        if get_method(config.method).client_text:  # the base prompts' text features are public: built here
-            names = class_split(config, state.splits).base_names
-            data = with_base_text(data, prompt_features(state.backbone, names, config.backbone_options.template))
-        state.clients[partition_id] = data
-    return state.backbone, state.clients[partition_id]
+    method = get_method(config.method)
+    backbone, data = state.data.client(partition_id, text_tower=not method.client_image_only)
+    if method.client_text:  # the base prompts' text features are public: built here
+        from feddtl.federation import prompt_features
+        from feddtl.methods.text_side import with_base_text
+
+        names = state.data.partition(partition_id).base_names
+        data = with_base_text(data, prompt_features(backbone, names, config.backbone_options.template))
+    return backbone, data
+
+
+def _event(line: str) -> str:
+    """'trunk-<fingerprint>: hit' -> 'trunk hit'."""
+    name, _, what = line.partition(": ")
+    return f"{name.rsplit('-', 1)[0]} {what}"
+
+
+@app.lifespan()
+def lifespan(context: Context):
+    """Before a message: torch's optimizers without their torch._dynamo import (1-5 s of every fresh
+    process's client step; see ``optimizers_without_dynamo``). Not at import: the Simulation Engine's
+    driver imports this module too, and it runs the server, which must stay as in process."""
+    optimizers_without_dynamo()
+    yield
 
 
 @app.query()
@@ -107,10 +123,9 @@ def hello(msg: Message, context: Context) -> Message:
     """Handshake: tell the ServerApp which partition this node holds, which base classes are in it, and
     what it computes with (versions and backbone weights: the server refuses a node that differs)."""
     pid, n = node_partition(context.node_config)
-    state = node_state(records.experiment_of(msg.content, records.HELLO), n)
-    classes, indices = client_partition(state.config, state.splits, pid)
-    labels = to_base_index(state.splits.train.labels[indices], classes.base)
-    reply = records.hello_reply(pid, n, sorted(set(labels.tolist())), len(indices))
+    state = node_state(records.experiment_of(msg.content, records.HELLO), n, context.node_config)
+    part = state.data.partition(pid)
+    reply = records.hello_reply(pid, n, sorted(set(part.labels.tolist())), len(part.indices))
     versions = node_versions(state.config.backbone, context.node_config)
     reply[records.HELLO_VERSIONS] = records.versions_record(versions.as_dict())
     return Message(reply, reply_to=msg)
@@ -119,16 +134,27 @@ def hello(msg: Message, context: Context) -> Message:
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """One local round: the method's client step on this node's partition."""
+    started = time.perf_counter()
+    age = process_age_s()
     pid, n = node_partition(context.node_config)
-    state = node_state(records.experiment_of(msg.content), n)
+    state = node_state(records.experiment_of(msg.content), n, context.node_config)
+    cache = state.data.cache
+    events = len(cache.events) if cache is not None else 0
     backbone, data = client_data(state, pid)
     task = records.task_from_records(
         msg.content,
         image_lora=backbone.image_lora_state(),
-        num_classes=state.num_classes,
+        num_classes=len(state.data.partition(pid).base),
         embed_dim=backbone.info.embed_dim,
     )
     config = state.config
-    method = get_method(config.method)
-    update = method.client_step(backbone, data, task, config, client_seed(config.seed, task.round, pid))
+    loaded = time.perf_counter()
+    update = get_method(config.method).client_step(backbone, data, task, config, client_seed(config.seed, task.round, pid))
+    stepped = time.perf_counter()
+    where = "off" if cache is None else (", ".join(_event(e) for e in cache.events[events:]) or "in memory")
+    before = "" if age is None else f"process start to handler {age:.1f} s, "
+    node_log(
+        f"partition {pid}, round {task.round}: {before}state {loaded - started:.2f} s (node cache: {where}), "
+        f"client step {stepped - loaded:.2f} s, peak RSS {peak_rss_mb():.0f} MiB"
+    )
     return Message(records.update_to_records(update), reply_to=msg)

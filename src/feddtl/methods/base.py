@@ -45,6 +45,10 @@ class Method(abc.ABC):
     client_text: bool = False
     """True: clients run the text tower on the base prompts themselves, so every engine hands their
     ``client_step`` a ``text_side.TextClientData`` with the prompts' text-trunk features (FedLoRA, FedPGP)."""
+    client_image_only: bool = False
+    """True: ``client_step`` runs only the image tower (image tail, image LoRA) against the task's class
+    embeddings, so a Flower node may build the backbone without its text tower (the lite backbone then
+    needs no transformers import). False (the safe default): the client gets the whole backbone."""
 
     def __init__(self, ctx: ServerContext) -> None:
         self.ctx = ctx

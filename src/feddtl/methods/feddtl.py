@@ -20,6 +20,7 @@ from feddtl.methods.state import load_optimizer_state, optimizer_state, prefixed
 
 class FedDTL(Method):
     name = "feddtl"
+    client_image_only = True  # image tail and the task's class embeddings only
 
     def __init__(self, ctx: ServerContext) -> None:
         super().__init__(ctx)

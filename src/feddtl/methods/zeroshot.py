@@ -20,6 +20,7 @@ from feddtl.methods.base import Method, ServerContext
 
 class ZeroShot(Method):
     name = "zeroshot"
+    client_image_only = True  # image tail and the task's class embeddings only
     trains = False
 
     def __init__(self, ctx: ServerContext) -> None:
