@@ -14,7 +14,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never touch the network
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from feddtl.algorithm.messages import ClientTask, ClientUpdate
 from feddtl.algorithm.validation import validate_update

@@ -18,7 +18,7 @@ from feddtl.algorithm.messages import ClientTask
 from feddtl.config import ConfigError, load_config
 from feddtl.flower import records, server_app
 from feddtl.flower.server_app import SuperNodeClients, settings_from_run_config
-from feddtl.flower.versions import TEST_FEDDTL_VERSION, Versions, differences, local_versions, node_versions
+from feddtl.flower.versions import TEST_FEDDTL_VERSION, local_versions, node_versions
 from feddtl.server.checkpoint import load_run_config
 from feddtl.server.rundir import RunDir
 

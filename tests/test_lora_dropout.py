@@ -9,7 +9,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never touch the network
 
 import pytest
 import torch
-from torch import nn
 
 from feddtl.algorithm.client import client_step, rl_reference_logprobs
 from feddtl.algorithm.messages import ClientTask, ClientUpdate
