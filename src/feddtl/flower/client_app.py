@@ -111,7 +111,7 @@ def _event(line: str) -> str:
 
 @app.lifespan()
 def lifespan(context: Context):
-    """Before a message: torch's optimizers without their torch._dynamo import (1-5 s of every fresh
+    """Before a message: torch's optimizers without their torch._dynamo import (seconds of every fresh
     process's client step; see ``optimizers_without_dynamo``). Not at import: the Simulation Engine's
     driver imports this module too, and it runs the server, which must stay as in process."""
     optimizers_without_dynamo()
