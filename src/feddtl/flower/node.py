@@ -265,12 +265,12 @@ class NodeData:
 def optimizers_without_dynamo(classes: tuple[type, ...] = (torch.optim.Adam,)) -> bool:
     """Let torch's optimizers run without importing ``torch._dynamo``, in this process.
 
-    A fresh process's first optimizer step imports torch._dynamo (a first client step took 1.7-4.2 s here, the
-    next 0.06-0.2 s, at load averages of 8-12) only to mark graph breaks for ``torch.compile``: ``Optimizer.step`` is wrapped so that every call
-    imports it (``_use_grad_for_differentiable``), and ``add_param_group``, ``zero_grad``, ``state_dict``
-    and ``load_state_dict`` import it on their first call (``torch._disable_dynamo``). A ClientApp process
-    runs one client step and compiles nothing, so that import was most of its client step. Outside
-    compilation those wrappers only set the grad mode and call the method, so this (1) fills the
+    A fresh process's first optimizer step imports torch._dynamo (a first client step took 1.7-4.2 s here,
+    the next 0.06-0.2 s, at load averages of 8-12) only to mark graph breaks for ``torch.compile``:
+    ``Optimizer.step`` is wrapped so that every call imports it (``_use_grad_for_differentiable``), and
+    ``add_param_group``, ``zero_grad``, ``state_dict`` and ``load_state_dict`` import it on their first call
+    (``torch._disable_dynamo``). A ClientApp process runs one client step and compiles nothing, so that
+    import was most of its client step. Outside compilation those wrappers only set the grad mode and call the method, so this (1) fills the
     ``torch._disable_dynamo`` cache of the marked methods with the plain method and (2) replaces the
     ``step`` of ``classes`` with the unwrapped step run in the grad mode the wrapper sets: the same
     update, bit for bit (tests/test_flower_node.py; the deployment test). For a ClientApp process only:
