@@ -29,7 +29,6 @@ import torch
 from safetensors.torch import load_file
 
 import feddtl.algorithm.client as client_module
-import feddtl.methods.feddtl as feddtl_module
 from feddtl.algorithm.encoding import image_features
 from feddtl.algorithm.grpo import sample_actions
 from feddtl.config import ExperimentConfig, load_config
@@ -185,16 +184,12 @@ def grpo_sign_flipped() -> Iterator[None]:
 @contextmanager
 def aggregation_returns_old_weights() -> Iterator[None]:
     """Mutation 2: the server's aggregation returns the global image LoRA it sent out, not the clients' average."""
-    step = FedDTL.server_update
 
-    def stale(self: FedDTL, updates: Any, round_num: int) -> dict[str, float]:
-        old = self.image_lora
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(feddtl_module, "aggregate_image_lora", lambda _updates: old)
-            return step(self, updates, round_num)
+    def stale(self: FedDTL, updates: Any, states: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+        return self.image_lora, {}  # Method.aggregate, which FedDTL.server_update calls for its image LoRA
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(FedDTL, "server_update", stale)
+        mp.setattr(FedDTL, "aggregate", stale)
         yield
 
 
