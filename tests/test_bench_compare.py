@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import csv
 import json
-from pathlib import Path
 
 import pytest
 
 from feddtl.bench.compare import PAPER_CLAIMS, claim_outcome, verdict
+from bench_runs import write_run
 from feddtl.bench.report import write_report
 
 
@@ -35,14 +35,6 @@ def test_claim_outcome_follows_the_papers_sign():
     assert claim_outcome(verdict([40.0, 60.0], [50.0, 50.0]), paper_delta=8.0) == "tie"
 
 
-def _run(root: Path, scenario: str, method: str, seed: int, base: float, novel: float) -> None:
-    d = root / "runs" / scenario / method / f"seed{seed}"
-    d.mkdir(parents=True)
-    hm = 2 * base * novel / (base + novel)
-    (d / "results.json").write_text(json.dumps({"base_acc": base, "novel_acc": novel, "hm": hm, "local_acc": base}))
-    (d / "metrics.jsonl").write_text(json.dumps({"round": 1, "hm": hm}) + "\n")
-
-
 def test_report_states_wins_and_the_papers_direction(tmp_path):
     # prepare: feddtl beats fedlora on Base and HM and ties on Novel in s1; nothing ran in s2
     methods = ["fedlora", "feddtl-decoupled", "feddtl"]
@@ -51,9 +43,9 @@ def test_report_states_wins_and_the_papers_direction(tmp_path):
         '[[scenario]]\nname = "s1"\n[[scenario]]\nname = "s2"\n'
     )
     for seed in range(3):
-        _run(tmp_path, "s1", "fedlora", seed, base=60.0 + seed, novel=50.0 + seed)
-        _run(tmp_path, "s1", "feddtl-decoupled", seed, base=70.0 + seed, novel=45.0 + seed)
-        _run(tmp_path, "s1", "feddtl", seed, base=80.0 + seed, novel=50.5 + seed)
+        write_run(tmp_path, "s1", "fedlora", seed, base=60.0 + seed, novel=50.0 + seed)
+        write_run(tmp_path, "s1", "feddtl-decoupled", seed, base=70.0 + seed, novel=45.0 + seed)
+        write_run(tmp_path, "s1", "feddtl", seed, base=80.0 + seed, novel=50.5 + seed)
     # execute
     written = write_report(tmp_path)
     # assert

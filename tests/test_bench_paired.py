@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from feddtl.bench.paired import holm, paired_stat, sign_test
+from bench_runs import write_run
 from feddtl.bench.report import write_report
 from feddtl.cli import main
 
@@ -57,14 +58,6 @@ def test_sign_test():
     assert math.isnan(sign_test(0, 0))
 
 
-def _run(root: Path, scenario: str, method: str, seed: int, base: float, novel: float) -> None:
-    d = root / "runs" / scenario / method / f"seed{seed}"
-    d.mkdir(parents=True)
-    hm = 2 * base * novel / (base + novel)
-    (d / "results.json").write_text(json.dumps({"base_acc": base, "novel_acc": novel, "hm": hm, "local_acc": base}))
-    (d / "metrics.jsonl").write_text(json.dumps({"round": 1, "hm": hm}) + "\n")
-
-
 SEED_LEVELS = [40.0, 50.0, 60.0, 70.0, 80.0]
 """Per-seed level shared by every method: a large spread between seeds, as different partitions give."""
 JITTER = [0.1, -0.1, 0.05, -0.05, 0.0]
@@ -82,13 +75,13 @@ def known_suite(tmp_path: Path) -> Path:
         '[[scenario]]\nname = "s1"\n[[scenario]]\nname = "s2"\n'
     )
     for seed, (level, jit) in enumerate(zip(SEED_LEVELS, JITTER)):
-        _run(tmp_path, "s1", "fedlora", seed, base=level, novel=level)
-        _run(tmp_path, "s1", "feddtl", seed, base=level + 2 + jit, novel=level + 2 + jit)
-        _run(tmp_path, "s1", "feddtl-decoupled", seed, base=level + 2 + jit, novel=level + 4 - jit)
+        write_run(tmp_path, "s1", "fedlora", seed, base=level, novel=level)
+        write_run(tmp_path, "s1", "feddtl", seed, base=level + 2 + jit, novel=level + 2 + jit)
+        write_run(tmp_path, "s1", "feddtl-decoupled", seed, base=level + 2 + jit, novel=level + 4 - jit)
         swing = 3.0 * (-1) ** seed
-        _run(tmp_path, "s2", "fedlora", seed, base=level, novel=level)
-        _run(tmp_path, "s2", "feddtl", seed, base=level + swing, novel=level + swing)
-        _run(tmp_path, "s2", "feddtl-decoupled", seed, base=level - swing, novel=level - swing)
+        write_run(tmp_path, "s2", "fedlora", seed, base=level, novel=level)
+        write_run(tmp_path, "s2", "feddtl", seed, base=level + swing, novel=level + swing)
+        write_run(tmp_path, "s2", "feddtl-decoupled", seed, base=level - swing, novel=level - swing)
     return tmp_path
 
 
@@ -145,8 +138,8 @@ def test_holm_can_keep_a_tie_that_its_own_interval_separates(tmp_path: Path):
     gaps = {"s0": [4.9, 5.0, 5.1], "s1": [3.5, 5.0, 7.0], "s2": [-1.0, 2.0, 5.0]}
     for sc in scenarios:
         for seed, (level, gap) in enumerate(zip(SEED_LEVELS, gaps[sc])):
-            _run(tmp_path, sc, "fedlora", seed, base=level, novel=level)
-            _run(tmp_path, sc, "feddtl", seed, base=level + gap, novel=level + gap)
+            write_run(tmp_path, sc, "fedlora", seed, base=level, novel=level)
+            write_run(tmp_path, sc, "feddtl", seed, base=level + gap, novel=level + gap)
     # execute
     write_report(tmp_path)
     # assert: s1's interval excludes 0, but Holm over 3 tests needs p <= 0.05 / 2 at its rank
@@ -187,8 +180,8 @@ def test_committed_paper_lite_tables_regenerate_byte_identically(tmp_path: Path)
 def test_one_seed_gives_no_paired_verdict(tmp_path: Path):
     # prepare: one seed (the smoke suite's case): the unpaired rule counts any difference, paired cannot
     (tmp_path / "suite.toml").write_text('name = "t"\nbase = "tiny"\nmethods = ["fedlora", "feddtl"]\n[[scenario]]\nname = "s1"\n')
-    _run(tmp_path, "s1", "fedlora", 0, base=50.0, novel=50.0)
-    _run(tmp_path, "s1", "feddtl", 0, base=60.0, novel=60.0)
+    write_run(tmp_path, "s1", "fedlora", 0, base=50.0, novel=50.0)
+    write_run(tmp_path, "s1", "feddtl", 0, base=60.0, novel=60.0)
     # execute
     write_report(tmp_path)
     # assert

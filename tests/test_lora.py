@@ -38,6 +38,15 @@ def _peft_inject(model: nn.Module, targets: list[str], config: LoraConfig) -> No
         param.requires_grad_(".lora_" in name)
 
 
+def _random_lora_b(model: nn.Module) -> None:
+    """The same non-zero LoRA B in every model (B starts at zero, which would hide differences)."""
+    torch.manual_seed(2)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".lora_B." in name:
+                p.copy_(torch.randn_like(p))
+
+
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
 def test_lora_matches_peft_bit_for_bit(dropout) -> None:
     # prepare: one model, two copies; each gets its LoRA from the same seed; B made non-zero the same way;
@@ -51,11 +60,7 @@ def test_lora_matches_peft_bit_for_bit(dropout) -> None:
     torch.manual_seed(1)
     _peft_inject(theirs, TARGETS, config)
     for model in (ours, theirs):
-        torch.manual_seed(2)
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if ".lora_B." in name:
-                    p.copy_(torch.randn_like(p))
+        _random_lora_b(model)
         for module in model.modules():
             if isinstance(module, nn.Dropout):
                 module.train(True)
@@ -97,11 +102,7 @@ def test_merged_weights_match_peft_merge(dtype) -> None:
     torch.manual_seed(1)
     _peft_inject(theirs, ["0", "1"], LoraConfig(rank=2, alpha=8.0))
     for model in (ours, theirs):
-        torch.manual_seed(2)
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if ".lora_B." in name:
-                    p.copy_(torch.randn_like(p))
+        _random_lora_b(model)
     # execute
     merged = [ours[k].merged_base_layer().weight for k in range(2)]
     for k in range(2):
