@@ -10,6 +10,9 @@ between messages (the partition, the backbone's derived tensors, the trunk featu
 node cache on disk (``feddtl.flower.node``; ``cache-dir`` / ``cache-max-mb`` in the node config).
 This module imports only what a message needs: no server, benchmark or plotting code, and for a
 method whose clients never run the text tower (FedDTL) a lite backbone without it (no transformers).
+With the node's warm worker on (``warm-worker``, default true), each handler first hands its message to the
+worker (``feddtl.flower.warm_client``), which runs this same ClientApp in a process that outlives messages;
+so torch and the modules that import it are imported inside the handlers, never by this module itself.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import hashlib
 import time
 from dataclasses import dataclass
 from logging import INFO
+from typing import TYPE_CHECKING
 
 from flwr.app import Context, Message, UserConfig
 from flwr.clientapp import ClientApp
@@ -25,11 +29,11 @@ from flwr.common import log
 
 from feddtl.config import ConfigError, ExperimentConfig, loads_config
 from feddtl.config.node_cache_config import NodeCacheConfig
-from feddtl.flower import records
-from feddtl.flower.node import NodeData, open_node_cache, optimizers_without_dynamo, peak_rss_mb, process_age_s
-from feddtl.flower.versions import node_versions
+from feddtl.flower import warm_client
 from feddtl.methods import get_method
-from feddtl.server.clients import client_seed
+
+if TYPE_CHECKING:
+    from feddtl.flower.node import NodeData
 
 PARTITION_ID = "partition-id"
 NUM_PARTITIONS = "num-partitions"
@@ -75,6 +79,8 @@ def node_state(experiment_toml: str, num_partitions: int, node_config: UserConfi
     global _state
     key = hashlib.sha256(experiment_toml.encode()).hexdigest()
     if _state is None or _state.key != key:
+        from feddtl.flower.node import NodeData, open_node_cache
+
         config = loads_config(experiment_toml, source="the configuration sent by the ServerApp")
         if _state is not None:
             _state.data.close()
@@ -113,8 +119,13 @@ def _event(line: str) -> str:
 def lifespan(context: Context):
     """Before a message: torch's optimizers without their torch._dynamo import (seconds of every fresh
     process's client step; see ``optimizers_without_dynamo``). Not at import: the Simulation Engine's
-    driver imports this module too, and it runs the server, which must stay as in process."""
-    optimizers_without_dynamo()
+    driver imports this module too, and it runs the server, which must stay as in process. A message handed
+    to the warm worker skips it (it imports torch): the worker's own lifespan runs it, and a message served
+    here after all runs it then (``warm_client.forward``)."""
+    if not warm_client.warm_path(context.node_config):
+        from feddtl.flower.node import optimizers_without_dynamo
+
+        optimizers_without_dynamo()
     yield
 
 
@@ -122,6 +133,11 @@ def lifespan(context: Context):
 def hello(msg: Message, context: Context) -> Message:
     """Handshake: tell the ServerApp which partition this node holds, which base classes are in it, and
     what it computes with (versions and backbone weights: the server refuses a node that differs)."""
+    if (reply := warm_client.forward(msg, context)) is not None:
+        return reply
+    from feddtl.flower import records
+    from feddtl.flower.versions import node_versions
+
     pid, n = node_partition(context.node_config)
     state = node_state(records.experiment_of(msg.content, records.HELLO), n, context.node_config)
     part = state.data.partition(pid)
@@ -134,6 +150,12 @@ def hello(msg: Message, context: Context) -> Message:
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """One local round: the method's client step on this node's partition."""
+    if (reply := warm_client.forward(msg, context)) is not None:
+        return reply
+    from feddtl.flower import records
+    from feddtl.flower.node import peak_rss_mb, process_age_s
+    from feddtl.server.clients import client_seed
+
     started = time.perf_counter()
     age = process_age_s()
     pid, n = node_partition(context.node_config)
