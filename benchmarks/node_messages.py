@@ -55,6 +55,14 @@ FLOWER_PHASES = [
     ("install app", "pulled", "fab"),
     ("load app", "fab", "import"),
 ]
+WARM_PHASES = [
+    ("hand-off", "call", "w_call"),
+    ("worker state", "w_call", "step"),
+    ("in the worker", "w_call", "w_call_end"),
+    ("hand-back", "w_call_end", "call_end"),
+]
+"""A message handed to the node's warm worker (the worker's marks are prefixed w_; its step and step_end are the
+message's): "state load" (call to step) is then hand-off plus worker state."""
 
 
 class LoadSampler(threading.Thread):
@@ -151,13 +159,23 @@ def deployment(src: Path, config: str, overrides: list[str], out: Path, runs: in
 
 
 def messages(probe_log: Path, runs: list[dict]) -> list[dict]:
-    """The probe's lines, each with its run number and phase durations."""
+    """The probe's lines of ClientApp processes, each with its run number and phase durations; a warm worker's
+    line for a message is joined to the line of the process that handed it over (same message id)."""
     out = []
-    for line in probe_log.read_text().splitlines():
-        m = json.loads(line)
+    lines = [json.loads(line) for line in probe_log.read_text().splitlines()]
+    served = {w["message"]: w for w in lines if w.get("worker")}
+    for m in lines:
+        if m.get("worker"):
+            continue
         marks = m["marks"]
+        w = served.get(m.get("message"))
+        if w is not None:
+            m["worker_pid"], m["worker_peak_rss_mib"] = w["pid"], w.get("peak_rss_mib")
+            marks |= {f"w_{k}": v for k, v in w["marks"].items() if k in ("call", "call_end")}
+            marks |= {k: v for k, v in w["marks"].items() if k in ("step", "step_end")}
         m["run"] = next((r["run"] for r in runs if r["wall_start"] <= m["wall"] <= r["wall_end"] + 5), None)
-        m["phases"] = {name: marks[b] - marks[a] for name, a, b in PHASES + FLOWER_PHASES if a in marks and b in marks}
+        phases = PHASES + FLOWER_PHASES + WARM_PHASES
+        m["phases"] = {name: marks[b] - marks[a] for name, a, b in phases if a in marks and b in marks}
         if "step" in marks and "start" in marks:
             m["overhead_s"] = marks["step"] - marks["start"]
         if "start" in marks and "exit" in marks:
@@ -212,6 +230,25 @@ def compare(folders: list[str]) -> None:
             values = [[m["phases"][n] for m in ms if n in m["phases"]] for n, _, _ in FLOWER_PHASES]
             if all(values):
                 print(f"| {result['label']} | {cls} | " + " | ".join(f"{statistics.median(v):.2f}" for v in values) + " |")
+    warm_rows = []
+    for folder in folders:
+        result = json.loads((Path(folder) / "summary.json").read_text())
+        groups = {}
+        first = set()
+        for m in result["messages"]:
+            groups.setdefault(message_class(m, first), []).append(m)
+        for cls, ms in groups.items():
+            values = [[m["phases"][n] for m in ms if n in m["phases"]] for n, _, _ in WARM_PHASES]
+            rss = [m["worker_peak_rss_mib"] for m in ms if m.get("worker_peak_rss_mib")]
+            pids = len({m["worker_pid"] for m in ms if "worker_pid" in m})
+            if all(values):
+                warm_rows.append(f"| {result['label']} | {cls} | " + " | ".join(f"{statistics.median(v):.2f}" for v in values)
+                                 + f" | {statistics.median(rss):.0f} | {pids} |")
+    if warm_rows:
+        print("\nMessages handed to the node's warm worker (medians; worker RSS: its peak so far, MiB):\n")
+        print("| code | message | " + " | ".join(name for name, _, _ in WARM_PHASES) + " | worker RSS | workers |")
+        print("|---|---|" + "---|" * (len(WARM_PHASES) + 2))
+        print("\n".join(warm_rows))
     print()
     for folder in folders:
         r = json.loads((Path(folder) / "summary.json").read_text())
@@ -273,13 +310,18 @@ def main() -> None:
     for r in runs:
         print(f"| deployment run {r['run']} | {', '.join(f'{t:.1f}' for t in r['rounds'])} | {r['setup_s']:.1f} | "
               f"{r['end_to_end_s']:.1f} | {r['numbers']} |")
-    print("\n| run | message | partition | " + " | ".join(name for name, _, _ in PHASES) + " | overhead | peak RSS (MiB) |")
-    print("|---|---|---|" + "---|" * len(PHASES) + "---|---|")
+    warm = any("worker_pid" in m for m in msgs)
+    extra = WARM_PHASES if warm else []
+    tail = " | worker pid | worker RSS (MiB)" if warm else ""
+    print("\n| run | message | partition | " + " | ".join(name for name, _, _ in PHASES + extra)
+          + f" | overhead | peak RSS (MiB){tail} |")
+    print("|---|---|---|" + "---|" * len(PHASES + extra) + "---|---|" + ("---|---|" if warm else ""))
     for m in msgs:
         kind = "hello" if m.get("type") == "query" else f"train r{m.get('group')}"
-        cells = " | ".join(f"{m['phases'][name]:.2f}" if name in m["phases"] else "" for name, _, _ in PHASES)
+        cells = " | ".join(f"{m['phases'][name]:.2f}" if name in m["phases"] else "" for name, _, _ in PHASES + extra)
         overhead = f"{m['overhead_s']:.2f}" if "overhead_s" in m else ""
-        print(f"| {m['run']} | {kind} | {m.get('partition')} | {cells} | {overhead} | {m.get('peak_rss_mib', 0):.0f} |")
+        worker = f" | {m.get('worker_pid', '')} | {m.get('worker_peak_rss_mib') or 0:.0f}" if warm else ""
+        print(f"| {m['run']} | {kind} | {m.get('partition')} | {cells} | {overhead} | {m.get('peak_rss_mib', 0):.0f}{worker} |")
 
 
 if __name__ == "__main__":

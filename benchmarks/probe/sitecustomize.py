@@ -15,6 +15,11 @@ Marks, in seconds on CLOCK_BOOTTIME (the clock the kernel's process start time i
 - ``call`` / ``call_end``: ClientApp.__call__ entered / returned (the handler);
 - ``step`` / ``step_end``: the method's ``client_step`` entered / returned (train messages);
 - ``exit``: atexit, after the reply was pushed.
+
+A node's warm worker (``feddtl.flower.warm_worker``, started by a ClientApp process with this environment) runs
+the client steps of the messages it is handed: there the probe appends one line per message, at its end, with
+the message's id and the worker's ``call`` / ``step`` / ``step_end`` / ``call_end`` marks
+(benchmarks/node_messages.py joins it to the line of the ClientApp process that handed the message over).
 """
 
 from __future__ import annotations
@@ -66,6 +71,7 @@ def _install() -> None:
             info["type"] = message.metadata.message_type
             info["group"] = message.metadata.group_id
             info["partition"] = context.node_config.get("partition-id")
+            info["message"] = message.metadata.message_id
             app_module = sys.modules.get("feddtl.flower.client_app")
             if app_module is not None and hasattr(app_module, "get_method"):
                 patch_client_step(app_module)
@@ -144,5 +150,70 @@ def _install() -> None:
     atexit.register(write)
 
 
+def _install_worker() -> None:
+    """In a warm worker: one line per message served (the worker lives on; nothing waits for its exit)."""
+    import json
+    import resource
+    import time
+
+    def now() -> float:
+        return time.clock_gettime(time.CLOCK_BOOTTIME)
+
+    current: dict[str, float] = {}
+
+    def patch() -> None:
+        from flwr.clientapp.client_app import ClientApp
+
+        original_call = ClientApp.__call__
+        patched_methods: set[int] = set()
+
+        def __call__(self, message, context):
+            current.clear()
+            current["call"] = now()
+            app_module = sys.modules.get("feddtl.flower.client_app")
+            if app_module is not None and id(app_module) not in patched_methods and hasattr(app_module, "get_method"):
+                patched_methods.add(id(app_module))
+                original = app_module.get_method
+
+                def get_method(name):
+                    cls = original(name)
+
+                    def client_step(*args, **kwargs):
+                        current["step"] = now()
+                        try:
+                            return cls.client_step(*args, **kwargs)
+                        finally:
+                            current["step_end"] = now()
+
+                    return type(cls.__name__, (cls,), {"client_step": staticmethod(client_step)})
+
+                app_module.get_method = get_method
+            try:
+                return original_call(self, message, context)
+            finally:
+                current["call_end"] = now()
+                line = {
+                    "pid": os.getpid(), "worker": True, "message": message.metadata.message_id,
+                    "type": message.metadata.message_type, "group": message.metadata.group_id,
+                    "partition": context.node_config.get("partition-id"), "wall": time.time(),
+                    "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, "marks": dict(current),
+                }
+                with open(os.environ["FEDDTL_PROBE_LOG"], "a") as f:
+                    f.write(json.dumps(line) + "\n")
+
+        ClientApp.__call__ = __call__
+
+    class FirstFeddtlImport:
+        def find_spec(self, name, path=None, target=None):
+            if name == "feddtl" or name.startswith("feddtl."):
+                sys.meta_path.remove(self)
+                patch()
+            return None
+
+    sys.meta_path.insert(0, FirstFeddtlImport())
+
+
 if os.environ.get("FEDDTL_PROBE_LOG") and sys.argv and sys.argv[0].endswith("flwr-clientapp"):
     _install()
+elif os.environ.get("FEDDTL_PROBE_LOG") and any("feddtl.flower.warm_worker" in a for a in getattr(sys, "orig_argv", [])):
+    _install_worker()

@@ -157,7 +157,7 @@ def train(msg: Message, context: Context) -> Message:
     from feddtl.server.clients import client_seed
 
     started = time.perf_counter()
-    age = process_age_s()
+    age = None if warm_client.IN_WORKER else process_age_s()  # a worker's age says nothing of this message
     pid, n = node_partition(context.node_config)
     state = node_state(records.experiment_of(msg.content), n, context.node_config)
     cache = state.data.cache

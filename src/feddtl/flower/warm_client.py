@@ -34,12 +34,14 @@ from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict  # pylint: d
 from feddtl.config.warm_worker_config import WarmWorkerConfig
 from feddtl.flower.warm_protocol import (
     WarmError,
+    alive,
     digest,
     fd_path,
     identity,
     node_process,
     open_private_folder,
     peer_credentials,
+    process_age_s,
     recv_frame,
     send_frame,
     socket_name,
@@ -96,11 +98,14 @@ def forward(msg: Message, context: Context) -> Message | None:
 class Handoff:
     """One message's trip to the node's worker and back."""
 
-    def __init__(self, msg: Message, context: Context) -> None:
+    def __init__(self, msg: Message, context: Context, node: tuple[int, int] | None = None) -> None:
+        """``node``: (pid, start) of the SuperNode's process (default: this process's parent, see
+        ``warm_protocol.node_process``); the worker serves that node and exits when it is gone."""
         self.msg, self.context = msg, context
         self.settings = WarmWorkerConfig.from_node_config(context.node_config)
         self.folder = worker_folder(context.node_config)
-        self.node = node_process()
+        self.node = node or node_process()
+        self.worker_pid: int | None = None
         self.name = socket_name(*self.node)
         self.identity = identity(msg.content, context.node_config)
         self.digest = digest(self.identity)
@@ -163,6 +168,7 @@ class Handoff:
                 os.unlink(fd_path(folder_fd, self.name + ".sock"))  # stale: its worker is gone
             except FileNotFoundError:
                 pass
+            sweep(folder_fd)
             proc = self._spawn(folder_fd)
             log(INFO, "feddtl node: warm worker: started pid %d (%s)", proc.pid, self.folder / self.name)
             while True:
@@ -227,6 +233,8 @@ class Handoff:
     def _exchange(self, sock: socket.socket) -> Message | None:
         """The reply; None when the worker serves other code or another run (it then exits)."""
         pid, _, _ = peer_credentials(sock)
+        self.worker_pid = pid
+        age = process_age_s()
         started = time.perf_counter()
         try:
             sock.settimeout(None)  # a message takes what it takes; a worker that dies closes the socket
@@ -256,11 +264,24 @@ class Handoff:
         self.context.state = recorddict_from_proto(state)
         total = time.perf_counter() - started
         worker_s = float(header.get("handled_s", 0.0))
-        log(INFO, "feddtl node: warm worker pid %d served the %s message: %.2f s in the worker, %.2f s hand-off",
-            pid, self.msg.metadata.message_type, worker_s, total - worker_s)
+        before = "" if age is None else f"process start to hand-off {age:.1f} s, "
+        log(INFO, "feddtl node: warm worker pid %d served the %s message: %s%.2f s in the worker, hand-off %.2f s",
+            pid, self.msg.metadata.message_type, before, worker_s, total - worker_s)
         if answer.has_content():
             return Message(answer.content, reply_to=self.msg)
         return Message(answer.error, reply_to=self.msg)
+
+
+def sweep(folder_fd: int) -> None:
+    """Remove the files of SuperNodes that are gone (their workers have exited or are exiting)."""
+    for name in os.listdir(fd_path(folder_fd, ".")):
+        parts = name.split(".", 1)[0].split("-")
+        ours = len(parts) == 3 and parts[0] == "node" and parts[1].isdigit() and parts[2].isdigit()
+        if ours and not alive(int(parts[1]), int(parts[2])):
+            try:
+                os.unlink(fd_path(folder_fd, name))
+            except FileNotFoundError:
+                pass
 
 
 def remote_exception(module: str, qualname: str, text: str) -> RemoteError:

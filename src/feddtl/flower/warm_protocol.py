@@ -20,6 +20,7 @@ import socket
 import stat
 import struct
 import sys
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -89,6 +90,14 @@ def node_process() -> tuple[int, int]:
     messages (``flower-superexec``; it exits with its SuperNode)."""
     pid = os.getppid()
     return pid, process_start(pid) or 0
+
+
+def process_age_s() -> float | None:
+    """Seconds since this process started (None: not on Linux)."""
+    start = process_start(os.getpid())
+    if start is None:
+        return None
+    return time.clock_gettime(time.CLOCK_BOOTTIME) - start / os.sysconf("SC_CLK_TCK")
 
 
 def socket_name(node_pid: int, node_start: int) -> str:
@@ -181,7 +190,8 @@ def send_frame(sock: socket.socket, header: Mapping[str, Any], blobs: Sequence[b
     head = json.dumps({**header, "blobs": [len(b) for b in blobs]}).encode()
     sock.sendall(MAGIC + struct.pack(">I", len(head)) + head)
     for blob in blobs:
-        sock.sendall(blob)
+        if blob:  # sending b"" to a peer that has read everything and closed fails (EPIPE)
+            sock.sendall(blob)
 
 
 def _recv_exact(sock: socket.socket, n: int) -> bytes:
