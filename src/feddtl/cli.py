@@ -223,10 +223,16 @@ def _describe_entry(kind: str, key: dict) -> str:
 
 
 def _cmd_cache_clear(args: argparse.Namespace) -> int:
+    from feddtl.flower.warm_protocol import stop_workers
+
     cache = _node_cache(args)
+    # First: a warm worker holds the entries' values in memory; once unreachable, the next message starts a
+    # fresh one, which reads the cache anew.
+    workers = stop_workers(cache.root)
     removed, freed, kept = cache.clear()
     busy = f"; {kept} in use by a running process kept" if kept else ""
-    print(f"node cache {cache.root}: removed {removed} entries ({freed / 2**20:.1f} MiB){busy}")
+    warm = f"; {workers} warm worker(s) stopped" if workers else ""
+    print(f"node cache {cache.root}: removed {removed} entries ({freed / 2**20:.1f} MiB){busy}{warm}")
     return 0
 
 

@@ -76,11 +76,11 @@ def fd_path(folder_fd: int, name: str) -> str:
 
 
 def process_start(pid: int) -> int | None:
-    """The kernel's start time of ``pid`` in clock ticks (None: no such process): with the pid, it names one
-    process for good (a pid alone may be reused)."""
+    """The kernel's start time of ``pid`` in clock ticks (None: no such process, or one that has exited and
+    waits to be reaped): with the pid, it names one process for good (a pid alone may be reused)."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return int(fields[19])
+        return None if fields[0] in ("Z", "X") else int(fields[19])
     except (OSError, ValueError, IndexError):
         return None
 
