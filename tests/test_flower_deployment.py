@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -23,6 +24,7 @@ from feddtl.backbones.tiny_clip import build_tiny_clip
 from feddtl.config import load_config
 from feddtl.flower.certs import write_dev_pki
 from feddtl.flower.deploy import COMPLETED, LocalDeployment, flower_bin_dir
+from feddtl.flower.warm_protocol import running_workers
 from feddtl.flower.versions import TEST_FEDDTL_VERSION
 from feddtl.server.rundir import result_fields
 from feddtl.server.experiment import run_experiment
@@ -97,6 +99,12 @@ def deployment(tmp_path_factory, certs):
         dep.stop()
     leftovers = [name for name, proc in dep.procs.items() if proc.poll() is None]
     assert not leftovers, f"processes left running: {leftovers}"
+    _assert_warm_workers_follow_their_supernodes(dep)
+
+
+def _assert_warm_workers_follow_their_supernodes(dep: LocalDeployment) -> None:
+    """The SuperNodes' warm workers (detached: dep.stop() does not signal them) exit once their SuperNode is gone."""
+    _wait_for("the warm workers to exit", lambda: not running_workers(dep.folder), timeout=15, poll=0.2)
 
 
 @pytest.fixture
@@ -111,6 +119,7 @@ def own_deployment(tmp_path, certs):
         yield dep
     finally:
         dep.stop()
+    _assert_warm_workers_follow_their_supernodes(dep)
 
 
 @pytest.fixture(scope="module")
@@ -223,6 +232,15 @@ def test_deployment_engine_matches_inprocess(deployment, certs, reference, tmp_p
     # assert: the run's final status (`flwr run` exits 0 for failed runs too), then the numbers
     assert row["status"] == COMPLETED, f"run {run_id}: {row['status']} {row['status-details']}\n{deployment.run_log(run_id)}"
     assert_same_run(out, reference, engine="flower-deployment", exact=True)
+    # the warm worker (on by default): every message of a node served by one worker of that node
+    for k in range(2):
+        pids = warm_pids(deployment.log_tail(f"supernode{k}", 1_000_000))
+        assert len(pids) == 3 and len(set(pids)) == 1, f"supernode{k}: messages served by workers {pids}"
+
+
+def warm_pids(log: str) -> list[int]:
+    """The warm worker pid of each message a SuperNode's log says a worker served."""
+    return [int(line.split("warm worker pid ")[1].split()[0]) for line in log.splitlines() if " served the " in line]
 
 
 def _wait_for(what: str, check, timeout: float = RUN_TIMEOUT_S, poll: float = 0.5) -> None:
@@ -324,6 +342,33 @@ def test_supernode_restarted_mid_round_rejoins(
     assert "partition 1 rejoined" in log
     assert_same_run(out, tiny_clip_reference_of(*more), engine="flower-deployment",
                     ignore=("failed", "retries", "bytes_"), exact=True)
+
+
+@pytest.mark.slow
+def test_warm_worker_killed_between_rounds_and_turned_off_on_a_node_match_inprocess(
+    own_deployment, certs, tiny_clip_overrides, tiny_clip_reference, tmp_path
+) -> None:
+    """Node 0 serves its messages in its flwr-clientapp processes (warm-worker=false), node 1 through its warm
+    worker, which is killed once round 1 is checkpointed: round 2's message finds it dead (a new worker is
+    started) or dying (the message is served in process). Either way the run ends as the in-process one."""
+    dep = own_deployment
+    dep.start_supernode(0, 2, certs / "node0", node_config="warm-worker=false")
+    dep.start_supernode(1, 2, certs / "node1")
+    out = tmp_path / "run"
+    run_id = dep.submit(REPO, run_config(tiny_clip_overrides, out=str(out)))
+    _wait_for("round 1's checkpoint", lambda: _checkpoint_round(out) >= 1)
+    (killed,) = running_workers(dep.folder)
+    os.kill(killed, signal.SIGKILL)
+    row = dep.wait_run(run_id, RUN_TIMEOUT_S)
+    log = dep.run_log(run_id)
+    assert row["status"] == COMPLETED, f"{row['status']} {row['status-details']}\n{log}"
+    assert_same_run(out, tiny_clip_reference, engine="flower-deployment", exact=True)
+    # node 0 never used a worker; node 1's round 2 was served by a new worker or, in process, after one line
+    assert warm_pids(dep.log_tail("supernode0", 1_000_000)) == []
+    node1 = dep.log_tail("supernode1", 1_000_000)
+    pids = warm_pids(node1)
+    assert pids[:2] == [killed, killed], node1
+    assert (len(pids) == 3 and pids[2] != killed) or (len(pids) == 2 and "died mid-message" in node1), node1
 
 
 @pytest.mark.slow

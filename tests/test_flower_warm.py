@@ -12,7 +12,6 @@ import logging
 import os
 import shutil
 import signal
-import socket
 import stat
 import subprocess
 import sys
@@ -38,7 +37,13 @@ from feddtl.backbones.tiny_clip import build_tiny_clip
 from feddtl.config import ConfigError, load_config, to_toml
 from feddtl.config.warm_worker_config import WarmWorkerConfig
 from feddtl.flower import client_app, records, warm_client
-from feddtl.flower.warm_protocol import FOLDER_NAME, WarmError, process_start, stop_workers
+from feddtl.flower.warm_protocol import (
+    FOLDER_NAME,
+    WarmError,
+    process_start,
+    running_workers,
+    stop_workers,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -72,9 +77,9 @@ def node(tmp_path, monkeypatch):
     monkeypatch.setattr(node_module, "optimizers_without_dynamo", lambda: True)
     yield {"partition-id": 0, "num-partitions": 2, "cache-dir": str(tmp_path / "cache")}
     stop_workers(tmp_path / "cache")
-    for pid in worker_pids(tmp_path):
+    for pid in running_workers(tmp_path):
         os.kill(pid, signal.SIGTERM)
-    _wait(lambda: not worker_pids(tmp_path), 10, "the test's workers to exit")
+    _wait(lambda: not running_workers(tmp_path), 10, "the test's workers to exit")
 
 
 @pytest.fixture
@@ -90,19 +95,6 @@ def flower_log():
     FLOWER_LOGGER.addHandler(handler)
     yield lines
     FLOWER_LOGGER.removeHandler(handler)
-
-
-def worker_pids(folder: Path) -> list[int]:
-    """Warm workers whose folder lies under ``folder``."""
-    out = []
-    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
-        try:
-            args = cmdline.read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if any(b"feddtl.flower.warm_worker" in a for a in args) and any(str(folder).encode() in a for a in args):
-            out.append(int(cmdline.parent.name))
-    return out
 
 
 def _wait(check, timeout: float, what: str) -> None:

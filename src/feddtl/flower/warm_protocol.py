@@ -133,6 +133,20 @@ def stop_workers(cache_folder: Path) -> int:
     return removed
 
 
+def running_workers(under: Path) -> list[int]:
+    """Pids of the warm workers whose folder lies under ``under`` (found by their command lines)."""
+    out = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            args = cmdline.read_bytes().split(b"\0")
+        except OSError:
+            continue
+        ours = any(b"feddtl.flower.warm_worker" in a for a in args) and any(str(under).encode() in a for a in args)
+        if ours and process_start(int(cmdline.parent.name)) is not None:
+            out.append(int(cmdline.parent.name))
+    return out
+
+
 # ----- what -------------------------------------------------------------------------------------------
 
 
