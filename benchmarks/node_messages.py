@@ -171,6 +171,7 @@ def messages(probe_log: Path, runs: list[dict]) -> list[dict]:
         w = served.get(m.get("message"))
         if w is not None:
             m["worker_pid"], m["worker_peak_rss_mib"] = w["pid"], w.get("peak_rss_mib")
+            m["worker_held_rss_mib"] = w.get("held_rss_mib")
             marks |= {f"w_{k}": v for k, v in w["marks"].items() if k in ("call", "call_end")}
             marks |= {k: v for k, v in w["marks"].items() if k in ("step", "step_end")}
         m["run"] = next((r["run"] for r in runs if r["wall_start"] <= m["wall"] <= r["wall_end"] + 5), None)
@@ -240,14 +241,18 @@ def compare(folders: list[str]) -> None:
         for cls, ms in groups.items():
             values = [[m["phases"][n] for m in ms if n in m["phases"]] for n, _, _ in WARM_PHASES]
             rss = [m["worker_peak_rss_mib"] for m in ms if m.get("worker_peak_rss_mib")]
+            held = [m["worker_held_rss_mib"] for m in ms if m.get("worker_held_rss_mib")]
             pids = len({m["worker_pid"] for m in ms if "worker_pid" in m})
             if all(values):
+                held_cell = f"{statistics.median(held):.0f}" if held else ""
                 warm_rows.append(f"| {result['label']} | {cls} | " + " | ".join(f"{statistics.median(v):.2f}" for v in values)
-                                 + f" | {statistics.median(rss):.0f} | {pids} |")
+                                 + f" | {held_cell} | {statistics.median(rss):.0f} | {pids} |")
     if warm_rows:
-        print("\nMessages handed to the node's warm worker (medians; worker RSS: its peak so far, MiB):\n")
-        print("| code | message | " + " | ".join(name for name, _, _ in WARM_PHASES) + " | worker RSS | workers |")
-        print("|---|---|" + "---|" * (len(WARM_PHASES) + 2))
+        print("\nMessages handed to the node's warm worker (medians; worker RSS in MiB: held between messages, at the"
+              " message's start; peak so far):\n")
+        print("| code | message | " + " | ".join(name for name, _, _ in WARM_PHASES)
+              + " | worker RSS held | worker peak RSS | workers |")
+        print("|---|---|" + "---|" * (len(WARM_PHASES) + 3))
         print("\n".join(warm_rows))
     print()
     for folder in folders:
@@ -312,7 +317,7 @@ def main() -> None:
               f"{r['end_to_end_s']:.1f} | {r['numbers']} |")
     warm = any("worker_pid" in m for m in msgs)
     extra = WARM_PHASES if warm else []
-    tail = " | worker pid | worker RSS (MiB)" if warm else ""
+    tail = " | worker pid | worker RSS held, peak (MiB)" if warm else ""
     print("\n| run | message | partition | " + " | ".join(name for name, _, _ in PHASES + extra)
           + f" | overhead | peak RSS (MiB){tail} |")
     print("|---|---|---|" + "---|" * len(PHASES + extra) + "---|---|" + ("---|---|" if warm else ""))
@@ -320,7 +325,8 @@ def main() -> None:
         kind = "hello" if m.get("type") == "query" else f"train r{m.get('group')}"
         cells = " | ".join(f"{m['phases'][name]:.2f}" if name in m["phases"] else "" for name, _, _ in PHASES + extra)
         overhead = f"{m['overhead_s']:.2f}" if "overhead_s" in m else ""
-        worker = f" | {m.get('worker_pid', '')} | {m.get('worker_peak_rss_mib') or 0:.0f}" if warm else ""
+        worker = (f" | {m.get('worker_pid', '')} | {m.get('worker_held_rss_mib') or 0:.0f}, "
+                  f"{m.get('worker_peak_rss_mib') or 0:.0f}") if warm else ""
         print(f"| {m['run']} | {kind} | {m.get('partition')} | {cells} | {overhead} | {m.get('peak_rss_mib', 0):.0f}{worker} |")
 
 

@@ -161,6 +161,13 @@ def _install_worker() -> None:
 
     current: dict[str, float] = {}
 
+    def rss_mib() -> float | None:
+        try:
+            with open("/proc/self/status") as f:
+                return next(int(line.split()[1]) / 1024.0 for line in f if line.startswith("VmRSS:"))
+        except (OSError, StopIteration, ValueError):
+            return None
+
     def patch() -> None:
         from flwr.clientapp.client_app import ClientApp
 
@@ -170,6 +177,7 @@ def _install_worker() -> None:
         def __call__(self, message, context):
             current.clear()
             current["call"] = now()
+            held = rss_mib()  # what the worker held between messages
             app_module = sys.modules.get("feddtl.flower.client_app")
             if app_module is not None and id(app_module) not in patched_methods and hasattr(app_module, "get_method"):
                 patched_methods.add(id(app_module))
@@ -196,7 +204,8 @@ def _install_worker() -> None:
                     "pid": os.getpid(), "worker": True, "message": message.metadata.message_id,
                     "type": message.metadata.message_type, "group": message.metadata.group_id,
                     "partition": context.node_config.get("partition-id"), "wall": time.time(),
-                    "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, "marks": dict(current),
+                    "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, "held_rss_mib": held,
+                    "marks": dict(current),
                 }
                 with open(os.environ["FEDDTL_PROBE_LOG"], "a") as f:
                     f.write(json.dumps(line) + "\n")

@@ -442,7 +442,7 @@ def build_parser() -> argparse.ArgumentParser:
     cache_ls = cache_sub.add_parser("ls", help="list the entries, most recently used first")
     cache_ls.add_argument("--dir", default=None, help=dir_help)
     cache_ls.set_defaults(func=_cmd_cache_ls)
-    cache_clear = cache_sub.add_parser("clear", help="remove every entry (entries a running message holds stay)")
+    cache_clear = cache_sub.add_parser("clear", help="remove every entry (entries a running message holds stay) and stop the folder's warm workers")
     cache_clear.add_argument("--dir", default=None, help=dir_help)
     cache_clear.set_defaults(func=_cmd_cache_clear)
     sub.add_parser("methods", help="list methods").set_defaults(func=_cmd_methods)
