@@ -254,6 +254,29 @@ def test_a_worker_killed_mid_message_leaves_the_message_to_the_clientapp(config,
     assert served_by(flower_log)[-1] != pid
 
 
+def test_a_worker_that_cannot_start_leaves_its_messages_to_the_clientapp(config, node, flower_log, monkeypatch) -> None:
+    # prepare: a worker that dies while starting (as one whose imports fail would)
+    monkeypatch.setattr(warm_client, "BOOTSTRAP", "import sys; print('no torch here'); sys.exit(3)")
+    # execute: two messages
+    replies = [hello(config, node) for _ in range(2)]
+    # assert: both served in process; the first says why, the second does not try again
+    assert [dict(r.content[records.HELLO])["partition-id"] for r in replies] == [0, 0]
+    why = [line for line in flower_log if "serves the query message itself" in line]
+    assert len(why) == 2 and "exited with code 3 while starting: no torch here" in why[0], why
+    assert "not started: its last start for this code and run failed" in why[1]
+    assert sum("warm worker: started pid" in line for line in flower_log) == 1
+
+
+def test_a_fault_of_the_handoff_itself_leaves_the_message_to_the_clientapp(config, node, flower_log, monkeypatch) -> None:
+    def broken(self):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(warm_client.Handoff, "run", broken)
+    assert dict(hello(config, node).content[records.HELLO])["partition-id"] == 0
+    assert any("warm worker: RuntimeError: boom; this process serves the query message itself" in line
+               for line in flower_log), flower_log
+
+
 def test_another_feddtl_version_or_run_restarts_the_worker(config, node, flower_log, monkeypatch) -> None:
     # prepare: a worker for this code and run
     hello(config, node)

@@ -83,11 +83,16 @@ def forward(msg: Message, context: Context) -> Message | None:
     or the worker could not serve it (then one line says why, and the process is readied as without it)."""
     if not warm_path(context.node_config):
         return None
-    kind = msg.metadata.message_type
     try:
         return Handoff(msg, context).run()
+    except RemoteError:  # the handler's own error, raised in the worker: the message's outcome
+        raise
     except WarmError as exc:
-        log(WARNING, "feddtl node: warm worker: %s; this process serves the %s message itself", exc, kind)
+        reason = str(exc)
+    except Exception as exc:  # noqa: BLE001  a fault of the hand-off itself must not cost the message
+        reason = f"{type(exc).__name__}: {exc}"
+    log(WARNING, "feddtl node: warm worker: %s; this process serves the %s message itself", reason,
+        msg.metadata.message_type)
     # Serving here is serving as without a worker: the lifespan skipped this on the warm path.
     from feddtl.flower.node import optimizers_without_dynamo
 
