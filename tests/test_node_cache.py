@@ -135,6 +135,19 @@ def test_two_processes_racing_publish_one_valid_entry(tmp_path) -> None:
     assert cache.load("backbone", KEY) is not None
 
 
+def test_eviction_leaves_another_writers_temporary_file_alone(tmp_path) -> None:
+    # prepare: another process is writing an entry (its temporary tensors file, no manifest yet); this one
+    # publishes an entry of its own, which sweeps the folder
+    cache = NodeCache(tmp_path, max_bytes=2**30)
+    cache.root.mkdir(parents=True, exist_ok=True)
+    theirs = tmp_path / ".tmp-partition-0123456789abcdef0123456789abcdef-999-deadbeef.safetensors"
+    theirs.write_bytes(b"half written")
+    # execute
+    cache.get_or_build("backbone", KEY, lambda path: save_tensors(path, {"w": torch.zeros(2)}))
+    # assert: theirs is still there (a sweep once took it, and the other writer failed)
+    assert theirs.exists()
+
+
 def test_eviction_keeps_the_folder_under_its_cap_least_recently_used_first(tmp_path) -> None:
     # prepare: three entries of one size, used in the order 0, 1, 2; then 0 used again
     for k in range(3):

@@ -411,6 +411,8 @@ class NodeCache:
                     if free:
                         path.unlink(missing_ok=True)
         for path in self.root.glob("*.safetensors"):
+            if path.name.startswith(".tmp-"):  # pathlib's "*" matches dotfiles: another writer's, in progress
+                continue
             if not self._manifest_path(path.stem).exists() and path.stem not in self.in_use:
                 with self._entry_lock(path.stem, blocking=False) as free:
                     if free and not self._manifest_path(path.stem).exists():

@@ -94,7 +94,7 @@ class Worker:
             self.listener.bind(self.sock_path)
         finally:
             os.umask(old)
-        self.inode = os.stat(self.sock_path).st_ino
+        self.socket_id = self._socket_id()
         self.listener.listen(16)
 
     # ----- lifetime ---------------------------------------------------------------------------------
@@ -119,11 +119,16 @@ class Worker:
             if not self.owns_socket():
                 return "its socket was removed"
 
-    def owns_socket(self) -> bool:
+    def _socket_id(self) -> tuple[int, int] | None:
+        """The socket file's inode and change time: an inode number alone may be reused by the next worker's."""
         try:
-            return os.stat(self.sock_path).st_ino == self.inode
+            st = os.stat(self.sock_path)
         except FileNotFoundError:
-            return False
+            return None
+        return st.st_ino, st.st_ctime_ns
+
+    def owns_socket(self) -> bool:
+        return self._socket_id() == self.socket_id
 
     def retire(self) -> None:
         """Unreachable from now on: the socket file goes (if it is still ours), the listener closes."""
