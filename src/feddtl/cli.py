@@ -242,12 +242,24 @@ def _cmd_presets(args: argparse.Namespace) -> int:
     return 0
 
 
+def _csv(text: str | None) -> list[str] | None:
+    return None if text is None else [part.strip() for part in text.split(",") if part.strip()]
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
+    from feddtl.bench.plan import format_plan, make_plan
     from feddtl.bench.runner import run_suite
     from feddtl.bench.suite import SuiteError, load_suite
 
+    if args.out is None and not args.dry_run:
+        print("feddtl bench: --out DIR is required (or --dry-run to list the cells and what is missing)", file=sys.stderr)
+        return 2
     try:
-        suite = load_suite(args.suite)
+        suite = load_suite(args.suite, args.set or []).select(_csv(args.scenarios), _csv(args.methods))
+        if args.dry_run:
+            out = None if args.out is None else Path(args.out)
+            print(format_plan(make_plan(suite, suite.cells(args.seeds), out=out), out=out))
+            return 0
         counts = run_suite(suite, args.out, seeds=args.seeds, jobs=args.jobs, log_fn=lambda s: print(s, flush=True))
     except SuiteError as exc:
         print(f"feddtl bench: {exc}", file=sys.stderr)
@@ -375,11 +387,28 @@ def build_parser() -> argparse.ArgumentParser:
     )
     report.add_argument("dirs", nargs="+")
     report.set_defaults(func=_cmd_report)
-    bench = sub.add_parser("bench", help="run a benchmark suite (methods x scenarios x seeds), resumable")
+    bench = sub.add_parser(
+        "bench",
+        help="run a benchmark suite (methods x scenarios x seeds), resumable",
+        epilog="exit status: 0 every cell finished (or --dry-run printed its table), 1 some cells failed, 2 the "
+        "suite is malformed or needs something this machine lacks (listed, before any work)",
+    )
     bench.add_argument("--suite", required=True, help="suite name (smoke, paper-lite, paper-clip) or TOML path")
-    bench.add_argument("--out", required=True, help="output folder; finished cells in it are skipped")
+    bench.add_argument("--out", default=None, help="output folder; finished cells in it are skipped")
     bench.add_argument("--seeds", type=int, default=None, help="seeds per cell (default: the suite's)")
     bench.add_argument("--jobs", type=int, default=1, help="worker processes at once (default 1)")
+    bench.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="run nothing: list every cell, the data set and weights it reads (local path) or fetches (hub id), "
+        "and what is missing here; with --out, which cells are finished there",
+    )
+    bench.add_argument(
+        "--set", action="append", metavar="KEY=VALUE",
+        help="override a config key in every cell, after the suite's own overrides (repeatable), e.g. rounds=2",
+    )
+    bench.add_argument("--scenarios", metavar="A,B", default=None, help="only these scenarios (comma-separated)")
+    bench.add_argument("--methods", metavar="X,Y", default=None, help="only these methods (comma-separated)")
     bench.set_defaults(func=_cmd_bench)
     bench_report = sub.add_parser("bench-report", help="rebuild a suite's table and plots from its output folder")
     bench_report.add_argument("dir")

@@ -32,6 +32,29 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def autocast_dtype(config: ExperimentConfig, device: torch.device) -> torch.dtype | None:
+    """The towers' mixed-precision dtype for ``config.precision`` on ``device``; None: float32.
+
+    bfloat16 autocast is for CUDA: on a CPU (device = "cpu", or "auto" without CUDA) or a GPU without bfloat16
+    the run keeps float32 and says so in a warning (results.json records the precision used), so one config
+    runs on both kinds of machine."""
+    if config.precision == "float32":
+        return None
+    if device.type != "cuda":
+        log.warning(
+            "precision=%r is mixed precision for CUDA; this run is on %s: it runs in float32 "
+            "(results.json: precision float32)", config.precision, device.type,
+        )
+        return None
+    if not torch.cuda.is_bf16_supported():
+        log.warning(
+            "precision=%r: %s has no bfloat16 support: the run is in float32 (results.json: precision float32)",
+            config.precision, torch.cuda.get_device_name(device),
+        )
+        return None
+    return torch.bfloat16
+
+
 def check_image_size(config: ExperimentConfig) -> None:
     """ConfigError if ``data.image_size`` is below what the backbone needs (an empty feature map or patch
     grid); cheap (no weights load), so callers run it before any setup."""
@@ -62,7 +85,10 @@ def make_backbone(
         backbone.add_lora(config.lora)
     except ValueError as exc:  # lora.*_start_block out of range for this backbone
         raise ConfigError(str(exc)) from None
-    return backbone.to(resolve_device(config.device))
+    device = resolve_device(config.device)
+    backbone = backbone.to(device)
+    backbone.set_precision(autocast_dtype(config, device))
+    return backbone
 
 
 @torch.no_grad()

@@ -2,7 +2,8 @@
 
 Layout of the output folder::
 
-    DIR/suite.toml                          the suite file as run
+    DIR/suite.toml                          the suite file as run (plus a [bench] table when --scenarios,
+                                            --methods or --set chose part of it or changed it)
     DIR/runs/<scenario>/<method>/seed<k>/   one run directory per cell (config.toml, metrics.jsonl, results.json)
     DIR/jobs/<scenario>-seed<k>.json|.log   what each worker ran (last sitting) and printed (every sitting)
     DIR/table.md, table.csv, comparison.csv, paired.csv, domains.csv, *.png   the report (`feddtl bench-report DIR` rebuilds it)
@@ -24,8 +25,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from feddtl.bench.suite import Cell, Suite, cell_config_text, preflight
-from feddtl.config import ConfigError, loads_config
+from feddtl.bench.plan import preflight
+from feddtl.bench.suite import Cell, Suite, cell_config_text, is_finished
 from feddtl.server.rundir import atomic_write_text
 
 
@@ -47,29 +48,6 @@ class Job:
             )
             total += 0 if c.method == "zeroshot" else per_client * cfg.num_clients * cfg.rounds
         return total
-
-
-def is_finished(cell: Cell, out: Path) -> bool:
-    """The cell's run directory holds results.json and the cell's config.
-
-    The stored config.toml is compared after loading it, so keys it lacks take today's defaults: a
-    feddtl that adds a config section (e.g. a new method's) does not rerun a finished suite, while a
-    changed value (or a changed default the file states) does. A stored config that no longer loads
-    (a key was removed) counts as unfinished.
-    """
-    run_dir = cell.run_dir(out)
-    config = run_dir / "config.toml"
-    if not ((run_dir / "results.json").is_file() and config.is_file()):
-        return False
-    text = config.read_text()
-    if text == cell_config_text(cell):
-        return True
-    # A run written before a config section was added lacks it in its TOML; loaded, the section takes its
-    # defaults, which compute what the run computed: the cell is finished if the loaded configs are equal.
-    try:
-        return loads_config(text, source=str(config)) == cell.config
-    except ConfigError:
-        return False
 
 
 def plan_jobs(cells: list[Cell], out: Path) -> tuple[list[Job], int]:
@@ -111,7 +89,7 @@ def run_suite(
     cells = suite.cells(seeds)
     preflight(suite, cells)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "suite.toml", suite.source)
+    atomic_write_text(out / "suite.toml", suite.source + suite.selection_toml)
     todo, finished = plan_jobs(cells, out)
     n_todo = sum(len(j.cells) for j in todo)
     threads = max(1, (os.cpu_count() or 1) // max(1, jobs))

@@ -74,6 +74,13 @@ class ExperimentConfig:
     rest (partition, shots, initialisation, batches, noise). None: the run's `seed`. No effect with "half"."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where the towers run; auto picks CUDA when available."""
+    precision: Literal["float32", "bfloat16"] = "float32"
+    """Arithmetic of the hf-clip towers. "bfloat16": mixed precision on CUDA: the towers' forward and backward
+    passes run under torch.autocast(bfloat16) while the LoRA weights, the optimiser, the trunk cache, the losses
+    and everything the algorithm computes from the embeddings stay float32 (bfloat16 needs no loss scaling).
+    Where the run lands on a CPU (device = "cpu", or "auto" without CUDA) or on a GPU without bfloat16, it
+    runs in float32 with a warning; results.json's "precision" says what was used. Only for hf-clip
+    backbones (lite runs in float32: an error). "float32" (default): as before the key existed."""
     data: DataConfig = field(default_factory=DataConfig)
     backbone_options: BackboneConfig = field(default_factory=BackboneConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
@@ -108,6 +115,11 @@ class ExperimentConfig:
             raise ConfigError(f"backbone={self.backbone!r} is unknown; allowed: lite, hf-clip:<hub id or local path>")
         if self.backbone.startswith("hf-clip:") and not self.backbone[len("hf-clip:") :]:
             raise ConfigError("backbone='hf-clip:' needs a hub id or local path after the colon")
+        if self.precision != "float32" and not self.backbone.startswith("hf-clip:"):
+            raise ConfigError(
+                f"precision={self.precision!r} needs an hf-clip backbone (mixed precision of the CLIP towers on CUDA); "
+                f"backbone={self.backbone!r} runs in float32: set precision='float32'"
+            )
         checks: list[tuple[bool, str]] = [
             (self.num_clients >= 1, f"num_clients must be >= 1, got {self.num_clients}"),
             (self.shots is None or self.shots >= 1, f"shots must be >= 1 or none (full data), got {self.shots}"),

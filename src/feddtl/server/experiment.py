@@ -153,6 +153,7 @@ def run_experiment(
         "shots": config.shots,
         "rounds": config.rounds if method.trains else 0,
         "seed": config.seed,
+        "precision": fed.backbone.precision,  # what the towers ran in (bfloat16 falls back to float32 off CUDA)
         **final,
         **{k: rows[-1][k] for k in PRIVACY_FIELDS if rows and k in rows[-1]},
         **communication_summary(rows, fed.backbone.parameter_bytes()),
