@@ -252,7 +252,8 @@ def preflight(suite: Suite, cells: list[Cell] | None = None, probe: HubProbe | N
 def _source_lines(suite: Suite) -> list[str]:
     """The [clip] and [dataset.*] tables as resolved here: which copy is used, and why not the other."""
     lines = []
-    for source in (suite.clip, *suite.datasets.values()):
+    used = {sc.dataset for sc in suite.scenarios}  # --scenarios may leave some data sets out
+    for source in (suite.clip, *(s for key, s in suite.datasets.items() if key in used)):
         if source is None:
             continue
         if source.origin == "local":
