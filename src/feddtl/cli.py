@@ -69,8 +69,9 @@ def _quiet_hf() -> Iterator[None]:
 
 
 def _summary(results: dict) -> str:
+    on = " on the validation hold-out" if results.get("eval_on") == "validation" else ""
     return (
-        f"{results['method']} on {results['dataset']} ({results['partition']}, {results['rounds']} rounds): "
+        f"{results['method']} on {results['dataset']} ({results['partition']}, {results['rounds']} rounds){on}: "
         f"Base {results['base_acc']:.2f}  Novel {results['novel_acc']:.2f}  HM {results['hm']:.2f}  "
         f"Local {results['local_acc']:.2f}"
     )

@@ -16,7 +16,7 @@ from feddtl.algorithm.client import ClientData
 from feddtl.backbones import Backbone, TextFeatures, build_backbone, min_image_size
 from feddtl.cache import TrunkCache, trunk_batches
 from feddtl.config import ConfigError, ExperimentConfig
-from feddtl.data import DatasetSplits, ImageDataset, cap_per_class, few_shot, load_dataset
+from feddtl.data import DatasetSplits, ImageDataset, cap_per_class, few_shot, holdout_per_class, load_dataset
 from feddtl.data import partition as partition_indices
 from feddtl.data import split_base_novel
 from feddtl.evaluation import EvalSet
@@ -114,10 +114,37 @@ def class_split(config: ExperimentConfig, splits: DatasetSplits) -> ClassSplit:
     return ClassSplit(base=list(base), novel=list(novel), classnames=list(names))
 
 
+VALIDATION_SEED_OFFSET = 4000
+"""The validation hold-out's seed is ``seed + 4000`` (shots use +1000, full-data caps +2000, test caps +3000)."""
+
+
+def validation_indices(config: ExperimentConfig, splits: DatasetSplits) -> np.ndarray | None:
+    """Positions in ``splits.train`` of the validation hold-out (eval.on = "validation"), else None.
+
+    ``eval.validation_per_class`` images of every class, base and novel, stratified over domains when the
+    data have them, seeded by the run's seed. Carved from the whole training pool before the partition
+    and the shots (``client_indices`` leaves them out), so no client ever holds one, and the test split
+    plays no part in it.
+    """
+    if config.eval.on != "validation":
+        return None
+    train = splits.train
+    try:
+        return holdout_per_class(
+            train.labels, config.eval.validation_per_class, config.seed + VALIDATION_SEED_OFFSET, train.domains
+        )
+    except ValueError as exc:
+        raise ConfigError(f"eval.validation_per_class={config.eval.validation_per_class} is too many for {config.dataset}: {exc}") from None
+
+
 def client_indices(config: ExperimentConfig, splits: DatasetSplits, classes: ClassSplit) -> list[np.ndarray]:
-    """Training-image indices of each client: base classes only, partitioned, then few-shot or capped."""
+    """Training-image indices of each client: base classes only, less the validation hold-out (if any),
+    partitioned, then few-shot or capped."""
     labels = splits.train.labels
     pool = np.flatnonzero(np.isin(labels, classes.base))
+    held = validation_indices(config, splits)
+    if held is not None:
+        pool = np.setdiff1d(pool, held)
     if config.partition == "pathological":
         if config.num_clients > len(classes.base):
             raise ConfigError(
@@ -208,23 +235,28 @@ def build_eval_set(
     backbone: Backbone, config: ExperimentConfig, splits: DatasetSplits, classes: ClassSplit,
     client_classes: list[list[int]], cache: TrunkCache | None = None,
 ) -> EvalSet:
-    labels = splits.test.labels
+    """The evaluation images: the test split (capped at data.test_per_class), or with eval.on =
+    "validation" the validation hold-out of the training split, and then no test image is touched."""
+    held = validation_indices(config, splits)
+    source, prefix = (splits.test, "test") if held is None else (splits.train, "validation")
+    labels = source.labels
     sets = []
     domain_ids = []
-    for name, group in (("test-base", classes.base), ("test-novel", classes.novel)):
-        idx = np.flatnonzero(np.isin(labels, group))
-        if config.data.test_per_class is not None:
-            idx = cap_per_class(labels, idx, config.data.test_per_class, seed=config.seed + 3000)
-        features = trunk_features(backbone, splits.test, idx, config) if cache is None else cache.store(
-            name, splits.test, idx
-        )
+    for name, group in ((f"{prefix}-base", classes.base), (f"{prefix}-novel", classes.novel)):
+        if held is None:
+            idx = np.flatnonzero(np.isin(labels, group))
+            if config.data.test_per_class is not None:
+                idx = cap_per_class(labels, idx, config.data.test_per_class, seed=config.seed + 3000)
+        else:
+            idx = held[np.isin(labels[held], group)]
+        features = trunk_features(backbone, source, idx, config) if cache is None else cache.store(name, source, idx)
         sets.append((features, to_base_index(labels[idx], group)))
-        if splits.test.domains is not None:
-            domain_ids.append(torch.from_numpy(splits.test.domains[idx]))
+        if source.domains is not None:
+            domain_ids.append(torch.from_numpy(source.domains[idx]))
     (bf, bl), (nf, nl) = sets
     domains = {}
     if domain_ids:
-        domains = {"domain_names": splits.test.domain_names, "base_domains": domain_ids[0], "novel_domains": domain_ids[1]}
+        domains = {"domain_names": source.domain_names, "base_domains": domain_ids[0], "novel_domains": domain_ids[1]}
     return EvalSet(
         base_features=bf, base_labels=bl, novel_features=nf, novel_labels=nl, client_classes=client_classes, **domains
     )

@@ -130,6 +130,10 @@ class ExperimentConfig:
             (self.eval.every >= 1, f"eval.every must be >= 1, got {self.eval.every}"),
             (self.eval.batch_size >= 1, f"eval.batch_size must be >= 1, got {self.eval.batch_size}"),
             (
+                self.eval.validation_per_class >= 1,
+                f"eval.validation_per_class must be >= 1, got {self.eval.validation_per_class}",
+            ),
+            (
                 self.client.switch_round is None or self.client.switch_round <= self.rounds,
                 f"client.switch_round must be <= rounds ({self.rounds}), got {self.client.switch_round}",
             ),

@@ -5,7 +5,8 @@ Flower 1.42 runs each ClientApp message in a fresh process, so these live in the
 is keyed by everything it depends on (the functions ``*_key`` below):
 
 - ``partition``: this node's training-image indices, their base-class labels and the base classes: the
-  dataset (name, [data] section), the class split and partitioner settings, the seed, the partition id;
+  dataset (name, [data] section), the class split and partitioner settings, the seed, the validation
+  hold-out (eval.on = "validation" only), the partition id;
 - ``backbone``: the backbone's ``derived_tensors()`` (the lite bridge): backbone name and options, image
   size, the weights' package versions (or a local model folder's file sizes and times), the device;
 - ``trunk``: the frozen image trunk's output for the partition's images: the backbone key, the LoRA
@@ -120,6 +121,9 @@ def partition_key(config: ExperimentConfig, client_id: int) -> dict[str, Any]:
         "min_partition_size": config.min_partition_size,
         "client_id": client_id,
         "env": environment_key(threads=False),
+        # The validation hold-out leaves the pool before the partition; named only when on, so the keys of
+        # test-mode runs (every entry written before eval.on existed) stay valid.
+        **({"validation_per_class": config.eval.validation_per_class} if config.eval.on == "validation" else {}),
     }
 
 

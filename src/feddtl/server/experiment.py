@@ -77,6 +77,7 @@ def run_experiment(
     remote_clients: ClientRunner | None = None,
     engine: str = "inprocess",
     stop: StopRequest | None = None,
+    record: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Run one experiment and write its run directory; returns results.json's content.
 
@@ -90,6 +91,7 @@ def run_experiment(
     (server side only), the runner of its SuperNodes, and its engine's name.
     ``stop``: when requested (the CLI's signal handlers), the run stops after the current round, with a
     checkpoint, and raises RunStopped.
+    ``record``: fields added to results.json as they are (the bench records the tuned values a cell runs with).
     """
     started = time.perf_counter()
     meter = MemoryMeter()
@@ -153,6 +155,10 @@ def run_experiment(
         "shots": config.shots,
         "rounds": config.rounds if method.trains else 0,
         "seed": config.seed,
+        # Marked only when on: a validation number must never pass for a test number, and test-mode
+        # results.json stay exactly as they were before eval.on existed.
+        **({"eval_on": "validation", "validation_per_class": config.eval.validation_per_class}
+           if config.eval.on == "validation" else {}),
         **final,
         **{k: rows[-1][k] for k in PRIVACY_FIELDS if rows and k in rows[-1]},
         **communication_summary(rows, fed.backbone.parameter_bytes()),
@@ -164,6 +170,7 @@ def run_experiment(
         "time_cache_build_s": fed.cache.build_s if fed.cache is not None else None,
         "wall_s": time.perf_counter() - started,
         "feddtl_version": feddtl.__version__,
+        **(record or {}),
     }
     if fed.cache is not None:
         fed.cache.close()  # the disk store (if any) is per run: its files go now
