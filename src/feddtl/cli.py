@@ -248,7 +248,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from feddtl.bench.suite import SuiteError, load_suite
 
     try:
-        suite = load_suite(args.suite)
+        suite = load_suite(args.suite, tuned=args.tuned)
         counts = run_suite(suite, args.out, seeds=args.seeds, jobs=args.jobs, log_fn=lambda s: print(s, flush=True))
     except SuiteError as exc:
         print(f"feddtl bench: {exc}", file=sys.stderr)
@@ -258,6 +258,33 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         f"{counts['ran']} ran now, {counts['failed']} unfinished -> {Path(args.out) / 'table.md'}"
     )
     return 0 if counts["failed"] == 0 else 1
+
+
+def _cmd_tune(args: argparse.Namespace) -> int:
+    from feddtl.bench.errors import SuiteError
+    from feddtl.bench.tune import run_tuning
+    from feddtl.bench.tuning import load_tuning_suite
+
+    try:
+        tsuite = load_tuning_suite(args.suite)
+        counts = run_tuning(tsuite, args.out, jobs=args.jobs, log_fn=lambda s: print(s, flush=True))
+    except SuiteError as exc:
+        print(f"feddtl tune: {exc}", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    if counts["failed"]:
+        print(
+            f"tuning suite {tsuite.name}: {counts['failed']} of {counts['cells']} cells unfinished (see {out / 'jobs'}); "
+            "no tuned.toml written: run the same command again to finish them",
+            file=sys.stderr,
+        )
+        return 1
+    print((out / "tuned.md").read_text(), end="")
+    print(
+        f"tuning suite {tsuite.name}: {counts['cells']} cells, {counts['finished_before']} already finished, "
+        f"{counts['ran']} ran now -> {out / 'tuned.toml'}, {out / 'tuned.md'}"
+    )
+    return 0
 
 
 def _cmd_bench_report(args: argparse.Namespace) -> int:
@@ -377,11 +404,25 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("dirs", nargs="+")
     report.set_defaults(func=_cmd_report)
     bench = sub.add_parser("bench", help="run a benchmark suite (methods x scenarios x seeds), resumable")
-    bench.add_argument("--suite", required=True, help="suite name (smoke, paper-lite, paper-clip) or TOML path")
+    bench.add_argument("--suite", required=True, help="suite name (smoke, paper-lite, paper-lite-v2, paper-clip) or TOML path")
     bench.add_argument("--out", required=True, help="output folder; finished cells in it are skipped")
     bench.add_argument("--seeds", type=int, default=None, help="seeds per cell (default: the suite's)")
     bench.add_argument("--jobs", type=int, default=1, help="worker processes at once (default 1)")
+    bench.add_argument(
+        "--tuned", default=None, metavar="TUNED.toml",
+        help="run with the values `feddtl tune` chose (its tuned.toml), in place of the suite's `tuned` key",
+    )
     bench.set_defaults(func=_cmd_bench)
+    tune = sub.add_parser(
+        "tune",
+        help="tune every method's open knobs on a tuning split and a validation hold-out (resumable); writes tuned.toml",
+        epilog="exit status: 0 done (DIR/tuned.toml, DIR/tuned.md written), 1 some cells failed (rerun to finish), "
+        "2 bad suite or missing data",
+    )
+    tune.add_argument("--suite", required=True, help="tuning suite name (tune-lite) or TOML path")
+    tune.add_argument("--out", required=True, help="output folder; finished cells in it are skipped")
+    tune.add_argument("--jobs", type=int, default=1, help="worker processes at once (default 1)")
+    tune.set_defaults(func=_cmd_tune)
     bench_report = sub.add_parser("bench-report", help="rebuild a suite's table and plots from its output folder")
     bench_report.add_argument("dir")
     bench_report.set_defaults(func=_cmd_bench_report)

@@ -20,6 +20,10 @@ Format (see src/feddtl/presets/suites/*.toml)::
     [method_set.feddtl]           # optional per-method overrides
     client = { switch_round = 2 }
 
+A grid may add ``tuned = "runs/tune-lite/tuned.toml"`` (relative to the working directory; `feddtl bench
+--tuned PATH` overrides it): every cell then runs with the values `feddtl tune` chose for its method and
+partition type (``feddtl.bench.tuned``), and records them in its results.json.
+
 String values may hold ``${ENV_VAR}``; an unset variable is reported by the preflight check,
 which runs before any work and lists everything the suite needs that is missing here.
 """
@@ -34,12 +38,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from feddtl.bench.errors import SuiteError
+from feddtl.bench.tuned import Tuned, load_tuned
 from feddtl.config import ConfigError, ExperimentConfig, toml_value, find_toml, load_config, to_toml
 from feddtl.methods import available_methods
-
-
-class SuiteError(ValueError):
-    """A suite cannot be loaded or cannot run here; the message says what is wrong or missing."""
 
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
@@ -67,19 +69,24 @@ class Scenario:
 
 @dataclass
 class Cell:
-    """One run: a method in a scenario with a seed."""
+    """One run: a method in a scenario with a seed (and, in a tuning sweep, one of its configurations)."""
 
     scenario: str
     method: str
     seed: int
     config: ExperimentConfig
+    variant: str = ""
+    """A tuning sweep's configuration ("c0", "c1", ...): one more folder level; "" in a grid."""
+    record: dict[str, Any] = field(default_factory=dict)
+    """Fields the cell adds to its results.json (the tuned values it runs with, the sweep's configuration)."""
 
     @property
     def key(self) -> str:
-        return f"{self.scenario}/{self.method}/seed{self.seed}"
+        return "/".join(p for p in (self.scenario, self.method, self.variant, f"seed{self.seed}") if p)
 
     def run_dir(self, out: Path) -> Path:
-        return out / "runs" / self.scenario / self.method / f"seed{self.seed}"
+        folder = out / "runs" / self.scenario / self.method
+        return (folder / self.variant if self.variant else folder) / f"seed{self.seed}"
 
 
 @dataclass
@@ -96,24 +103,43 @@ class Suite:
     """The suite file's text, copied into the output folder."""
     missing_env: list[str] = field(default_factory=list)
     """${VARS} used by the suite that are not set in this environment."""
+    tuned: Tuned | None = None
+    """The tuned values the suite runs with (its `tuned` file, or `feddtl bench --tuned`), per method x partition type."""
 
     def cells(self, seeds: int | None = None) -> list[Cell]:
         """Every (scenario, method, seed) cell with its validated config; seeds are 0..n-1."""
         n = self.seeds if seeds is None else seeds
         if n < 1:
             raise SuiteError(f"seeds must be >= 1, got {n}")
-        out = []
-        for sc in self.scenarios:
-            for method in self.methods:
-                for seed in range(n):
-                    values = _merge(self.common, sc.overrides, self.method_overrides.get(method, {}))
-                    values = _merge(values, {"method": method, "seed": seed})
-                    try:
-                        config = load_config(self.base, _flatten(values))
-                    except ConfigError as exc:
-                        raise SuiteError(f"suite {self.name!r}, scenario {sc.name!r}, method {method!r}: {exc}") from None
-                    out.append(Cell(sc.name, method, seed, config))
-        return out
+        return [self.cell(sc, method, seed) for sc in self.scenarios for method in self.methods for seed in range(n)]
+
+    def cell(
+        self, sc: Scenario, method: str, seed: int, knobs: dict[str, Any] | None = None, variant: str = "",
+        record: dict[str, Any] | None = None,
+    ) -> Cell:
+        """One cell: base config < [set] < scenario < [method_set] < ``knobs`` (dotted keys: a tuning sweep's
+        configuration) or the suite's tuned values for (method, partition type) < method and seed."""
+        where = f"suite {self.name!r}, scenario {sc.name!r}, method {method!r}"
+        settings = _flatten(_merge(self.common, sc.overrides, self.method_overrides.get(method, {})))
+        tail = [f"method={toml_value(method)}", f"seed={seed}"]
+        config = self._load(settings + tail, where)
+        record = dict(record or {})
+        if self.tuned is not None:
+            knobs = self.tuned.values(method, config.partition, where)
+            clash = sorted(set(knobs) & {item.split("=", 1)[0] for item in settings})
+            if clash:
+                raise SuiteError(f"{where}: sets {clash}, which the tuned file {self.tuned.path} chooses; leave them to it")
+            self.tuned.check_split(config, where)
+            record["tuned"] = self.tuned.record(method, config.partition)
+        if knobs:
+            config = self._load(settings + [f"{k}={toml_value(v)}" for k, v in knobs.items()] + tail, where)
+        return Cell(sc.name, method, seed, config, variant=variant, record=record)
+
+    def _load(self, overrides: list[str], where: str) -> ExperimentConfig:
+        try:
+            return load_config(self.base, overrides)
+        except ConfigError as exc:
+            raise SuiteError(f"{where}: {exc}") from None
 
 
 def _merge(*dicts: dict[str, Any]) -> dict[str, Any]:
@@ -169,15 +195,22 @@ def _table(raw: dict[str, Any], key: str, where: str) -> dict[str, Any]:
     return value
 
 
-def load_suite(name_or_path: str) -> Suite:
-    """Read and check a suite (names, methods, config keys of every cell); no work is done."""
-    path = resolve_suite_path(name_or_path)
+def read_suite_file(path: Path) -> tuple[str, dict[str, Any]]:
+    """(text, parsed TOML) of a suite file."""
     text = path.read_text()
     try:
-        raw = tomllib.loads(text)
+        return text, tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise SuiteError(f"{path}: not valid TOML: {exc}") from None
-    allowed = {"name", "description", "base", "seeds", "methods", "set", "scenario", "method_set"}
+
+
+SUITE_KEYS = ("name", "description", "base", "seeds", "methods", "set", "scenario", "method_set")
+
+
+def parse_suite(path: Path, text: str, raw: dict[str, Any], extra_keys: tuple[str, ...] = ()) -> Suite:
+    """The grid part of a suite file (base, [set], scenarios, methods, [method_set]); keys in ``extra_keys``
+    are left to the caller (a grid's `tuned`, a tuning sweep's search space). Cells are not built yet."""
+    allowed = set(SUITE_KEYS) | set(extra_keys)
     unknown = sorted(set(raw) - allowed)
     if unknown:
         raise SuiteError(f"{path}: unknown keys {unknown}; allowed: {', '.join(sorted(allowed))}")
@@ -222,7 +255,7 @@ def load_suite(name_or_path: str) -> Suite:
     stray = sorted(set(method_sets) - set(methods))
     if stray:
         raise SuiteError(f"{path}: [method_set] names methods not in the suite: {stray}")
-    suite = Suite(
+    return Suite(
         name=str(name),
         description=str(raw.get("description", "")),
         base=base,
@@ -234,6 +267,22 @@ def load_suite(name_or_path: str) -> Suite:
         source=text,
         missing_env=sorted(missing),
     )
+
+
+def load_suite(name_or_path: str, tuned: str | None = None) -> Suite:
+    """Read and check a suite (names, methods, config keys of every cell); no work is done.
+
+    ``tuned``: a tuned.toml (`feddtl tune`) to run with, in place of the suite's own `tuned` key. A suite
+    that names tuned values which are missing here fails now, saying how to make them.
+    """
+    path = resolve_suite_path(name_or_path)
+    text, raw = read_suite_file(path)
+    suite = parse_suite(path, text, raw, extra_keys=("tuned",))
+    declared = raw.get("tuned")
+    if declared is not None and not isinstance(declared, str):
+        raise SuiteError(f"{path}: tuned must be the path of a tuned.toml, got {declared!r}")
+    if tuned is not None or declared is not None:
+        suite.tuned = load_tuned(tuned if tuned is not None else _expand(declared, set()), suite=suite.name)
     if not suite.missing_env:
         suite.cells(1)  # validates every cell's config now, before any work
     return suite
