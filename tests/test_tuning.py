@@ -414,6 +414,8 @@ def test_tune_then_grid_end_to_end(tmp_path, capsys):
     cell = json.loads((tmp_path / "grid" / "runs" / "path" / "fedlora" / "seed0" / "results.json").read_text())
     assert cell["tuned"]["values"] == tuned.chosen["fedlora"]["pathological"] and "eval_on" not in cell
     assert (tmp_path / "grid" / "tuned.toml").read_text() == (out / "tuned.toml").read_text()
+    table = (tmp_path / "grid" / "table.md").read_text()
+    assert "## Tuned values" in table and "| zeroshot | pathological | (no open knobs) |" in table
     # a second `feddtl tune` finds every cell finished and only rewrites the choice
     assert main(["tune", "--suite", str(path), "--out", str(out)]) == 0
     assert "0 ran now" in capsys.readouterr().out

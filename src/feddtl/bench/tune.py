@@ -91,7 +91,8 @@ def select(tsuite: TuneSuite, out: Path) -> tuple[dict[str, dict[str, dict[str, 
             best = max(group, key=lambda t: (-math.inf if math.isnan(t.hm) else t.hm, -t.config))
             best.winner = True
             chosen.setdefault(method, {})[partition] = dict(best.values)
-    trials.sort(key=lambda t: (tsuite.suite.methods.index(t.method), t.partition, t.config))
+    order = list(dict.fromkeys(c.config.partition for c in tsuite.cells()))  # the suite's scenario order
+    trials.sort(key=lambda t: (order.index(t.partition), tsuite.suite.methods.index(t.method), t.config))
     return chosen, trials
 
 
