@@ -106,14 +106,16 @@ def test_a_validation_run_never_reads_the_test_split(monkeypatch):
 
     monkeypatch.setattr(federation, "load_dataset", sealed)
     config = load_config("tiny", ["eval.on=validation", "eval.validation_per_class=20"])
-    # execute
+    # execute: the whole build (data, partition, backbone, trunk cache, evaluation set)
     fed = federation.build_federation(config, log_fn=lambda s: None)
     # assert: the evaluation set is the hold-out (20 per class; tiny's digits: 5 base, 5 novel classes)
     assert len(fed.eval_set.base_labels) == 100 and len(fed.eval_set.novel_labels) == 100
     fed.cache.close()
-    # the seal works: a test-mode build reads the test images and trips it
+    # the seal works: the test-mode evaluation set reads the test images and trips it
+    test_mode = load_config("tiny")
+    splits = sealed(test_mode.dataset, test_mode.data, test_mode.seed)
     with pytest.raises(AssertionError, match="test"):
-        federation.build_federation(load_config("tiny"), log_fn=lambda s: None)
+        federation.build_eval_set(fed.backbone, test_mode, splits, federation.class_split(test_mode, splits), [])
 
 
 # ----- the tuning suite ---------------------------------------------------------------------------------

@@ -185,6 +185,8 @@ def resolve_suite_path(name_or_path: str) -> Path:
     path = find_toml(name_or_path, suite_dir())
     if path is not None:
         return path
+    if (suite_dir().parent / "tuning" / f"{name_or_path}.toml").is_file():
+        raise SuiteError(f"{name_or_path!r} is a tuning suite: run it with `feddtl tune --suite {name_or_path} --out DIR`")
     raise SuiteError(f"suite {name_or_path!r} is neither a file nor a named suite; named suites: {', '.join(available_suites())}")
 
 
