@@ -16,6 +16,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from feddtl.algorithm.messages import ClientTask
 from feddtl.config import ConfigError, load_config
+from feddtl.federation import ClassSplit
 from feddtl.flower import records, server_app
 from feddtl.flower.server_app import SuperNodeClients, settings_from_run_config
 from feddtl.flower.versions import TEST_FEDDTL_VERSION, local_versions, node_versions
@@ -112,7 +113,8 @@ def _config(*overrides: str):
 
 
 def _fed():
-    return SimpleNamespace(classes=SimpleNamespace(base=[f"c{i}" for i in range(NUM_CLASSES)]))
+    names = [f"c{i}" for i in range(2 * NUM_CLASSES)]
+    return SimpleNamespace(classes=ClassSplit(list(range(NUM_CLASSES)), list(range(NUM_CLASSES, 2 * NUM_CLASSES)), names))
 
 
 def _task(round_num: int) -> ClientTask:
