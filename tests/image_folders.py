@@ -21,5 +21,5 @@ def write_digit_folder(root: Path, folders: dict[str, int], per_class: int, skip
         rows = np.flatnonzero(digits.target == digit)[skip : skip + per_class]
         assert len(rows) == per_class, f"only {len(rows)} images of digit {digit} after {skip}"
         for i, row in enumerate(rows):
-            Image.fromarray(pixels[row]).save(target / f"{i:03d}.png")
+            Image.fromarray(pixels[row]).save(target / f"{skip + i:03d}.png")
     return root
