@@ -17,8 +17,8 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from feddtl.algorithm.messages import ClientTask
 from feddtl.config import ConfigError, load_config
-from feddtl.federation import ClassSplit
 from feddtl.evaluation import ClassCounts, EvalCounts
+from feddtl.federation import ClassSplit
 from feddtl.flower import eval_records, records, server_app
 from feddtl.flower.server_app import SuperNodeClients, settings_from_run_config
 from feddtl.flower.versions import TEST_FEDDTL_VERSION, local_versions, node_versions
@@ -307,7 +307,7 @@ def test_evaluation_on_the_nodes_pools_their_counts_and_names_a_node_that_did_no
     grid, clients, lines = _connected(versions)
     grid.nodes[10].counts, grid.nodes[11].counts = counts(1, 2), counts(6, 6)
     T = torch.zeros(NUM_CLASSES, 4)
-    clients.fed.backbone = SimpleNamespace(image_lora_state=lambda: {})
+    clients.fed.backbone = SimpleNamespace(image_lora_state=dict)
     # execute
     both = clients.evaluate(T, T, None)
     grid.nodes[11].answers = False

@@ -141,7 +141,7 @@ class ClassCounts:
     """(C,) int64."""
 
     @classmethod
-    def zeros(cls, num_classes: int) -> "ClassCounts":
+    def zeros(cls, num_classes: int) -> ClassCounts:
         return cls(torch.zeros(num_classes, dtype=torch.long), torch.zeros(num_classes, dtype=torch.long))
 
     def accuracy(self) -> float:
@@ -149,7 +149,7 @@ class ClassCounts:
         total = int(self.total.sum())
         return 100.0 * int(self.correct.sum()) / total if total else float("nan")
 
-    def __add__(self, other: "ClassCounts") -> "ClassCounts":
+    def __add__(self, other: ClassCounts) -> ClassCounts:
         return ClassCounts(self.correct + other.correct, self.total + other.total)
 
 

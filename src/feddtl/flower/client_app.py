@@ -84,9 +84,8 @@ class NodeState:
 _state: NodeState | None = None
 
 
-def own_source(config: ExperimentConfig, node_config: UserConfig, run_classes: list[str]) -> OwnSource | None:
+def own_source(config: ExperimentConfig, settings: NodeDataConfig, run_classes: list[str]) -> OwnSource | None:
     """The node's own data (node-config ``data``) for this run, or None: a partition of the run's dataset."""
-    settings = NodeDataConfig.from_node_config(node_config)
     if settings.source is None:
         if config.dataset == NODE_LOCAL:
             raise ConfigError(
@@ -99,11 +98,12 @@ def own_source(config: ExperimentConfig, node_config: UserConfig, run_classes: l
 
 def node_state(experiment_toml: str, num_partitions: int, node_config: UserConfig, run_classes: list[str]) -> NodeState:
     global _state
-    source = NodeDataConfig.from_node_config(node_config).source or ""  # virtual nodes of one actor may differ
-    key = hashlib.sha256("\0".join([experiment_toml, source, *run_classes]).encode()).hexdigest()
+    settings = NodeDataConfig.from_node_config(node_config)
+    # the node's data are in the key: the virtual nodes that one Simulation Engine actor serves may differ
+    key = hashlib.sha256("\0".join([experiment_toml, settings.source or "", *run_classes]).encode()).hexdigest()
     if _state is None or _state.key != key:
         config = loads_config(experiment_toml, source="the configuration sent by the ServerApp")
-        own = own_source(config, node_config, run_classes)
+        own = own_source(config, settings, run_classes)
         if _state is not None:
             _state.data.close()
         cache = open_node_cache(NodeCacheConfig.from_node_config(node_config), node_log)
@@ -148,8 +148,10 @@ def lifespan(context: Context):
 
 @app.query()
 def hello(msg: Message, context: Context) -> Message:
-    """Handshake: tell the ServerApp which partition this node holds, which base classes are in it, and
-    what it computes with (versions and backbone weights: the server refuses a node that differs)."""
+    """Handshake: tell the ServerApp which partition this node holds, which base classes are in it (with
+    their training-image counts; a node with its own data also its test images per class and the classes the
+    run does not know), and what it computes with (versions and backbone weights: the server refuses a node
+    that differs)."""
     pid, n = node_partition(context.node_config)
     content = msg.content
     state = node_state(

@@ -31,14 +31,13 @@ from logging import INFO
 from pathlib import Path
 from typing import Any
 
+import torch
 from flwr.app import Context, Message, MessageType, RecordDict, UserConfig
 from flwr.common import log
 from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid, ServerApp
 
 from feddtl.algorithm.messages import ClientTask, ClientUpdate
-import torch
-
 from feddtl.config import ConfigError, ExperimentConfig, load_config, to_toml
 from feddtl.config.node_data_config import NODE_LOCAL
 from feddtl.evaluation import EvalCounts, pool_counts
