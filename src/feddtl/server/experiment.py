@@ -28,9 +28,9 @@ BuildFn = Callable[..., Federation]
 """Builds the federation: called as ``build(config, log_fn=..., run_dir=...)``."""
 
 FINAL_FIELDS = ("base_acc", "novel_acc", "hm", "local_acc", "local_acc_per_client")
-NODE_EVAL_FIELDS = ("evaluation", "eval_counts")
-"""Where the final evaluation ran and its counts, when the SuperNodes evaluated (a ``node-local`` run);
-absent from every other run's results."""
+NODE_EVAL_FIELDS = ("evaluation", "eval_counts", "eval_missing")
+"""Where the final evaluation ran, its counts and the nodes it lacks, when the SuperNodes evaluated (a
+``node-local`` run); absent from every other run's results."""
 PRIVACY_FIELDS = ("dp_upload_epsilon", "dp_upload_delta", "dp_lora_epsilon", "dp_lora_delta")
 """The (epsilon, delta) spent by the end of the run, per DP channel, when [privacy] turned it on."""
 
@@ -142,7 +142,8 @@ def run_experiment(
         rows = run_rounds(
             fed, method, clients, run, start_round, rows, meter, progress=progress, log_fn=log_fn, stop=stop
         )
-        final = {k: rows[-1][k] for k in (*FINAL_FIELDS, *NODE_EVAL_FIELDS) if k in FINAL_FIELDS or k in rows[-1]}
+        final = {k: rows[-1][k] for k in FINAL_FIELDS}
+        final |= {k: rows[-1][k] for k in NODE_EVAL_FIELDS if k in rows[-1]}
         if "per_domain_acc" in rows[-1]:
             final["per_domain_acc"] = rows[-1]["per_domain_acc"]
     else:
