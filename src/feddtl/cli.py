@@ -211,6 +211,9 @@ def _describe_entry(kind: str, key: dict) -> str:
     try:
         if kind == "backbone":
             return f"backbone {key['backbone']} (derived tensors)"
+        if kind in ("partition", "holdout") and "run_classes" in key:  # a SuperNode's own data
+            what = "training images" if kind == "partition" else "test images"
+            return f"{key['dataset']}: own data of partition {key['client_id']}, {what} ({len(key['run_classes'])} run classes)"
         if kind == "partition":
             return f"{key['dataset']} partition {key['client_id']} of {key['num_clients']} ({key['partition']}, seed {key['seed']})"
         if kind == "trunk":

@@ -45,7 +45,8 @@ class DataConfig:
     class_names_file: str | None = None
     """A UTF-8 text file with one class name per line, in label order, that replaces the dataset's class
     names (any dataset; needed for hf: labels without names). The count must match the dataset's classes.
-    A relative path is relative to the working directory."""
+    With dataset = "node-local" it is the run's class list (read on the server; SuperNodes' own classes are
+    matched onto it, and a node never reads this file). A relative path is relative to the working directory."""
 
     def validate(self) -> None:
         """Raise ValueError naming the offending key and its allowed values."""

@@ -12,6 +12,7 @@ from typing import Callable
 import numpy as np
 
 from feddtl.config.data_config import DataConfig
+from feddtl.config.node_data_config import DATA_KEY, NODE_LOCAL
 
 from .class_names import rename_classes
 from .dataset import DIGIT_CLASSNAMES, DatasetError, DatasetSplits, ImageDataset, with_test_cap
@@ -145,6 +146,11 @@ def load_dataset(name: str, config: DataConfig, seed: int) -> DatasetSplits:
     """Load `name` (a registered name, `imagefolder:<path>`, `imagefolder-domains:<path>` or `hf:<hub id or
     path>`) into seeded train/test splits, with the class names of `data.class_names_file` when it is set."""
     config.validate()
+    if name == NODE_LOCAL:  # the server of such a run holds no data; each SuperNode loads its own
+        raise DatasetError(
+            f"dataset={NODE_LOCAL!r} has no data on this machine: it runs on the Flower Deployment Engine only, "
+            f"with each SuperNode naming its own (--node-config '{DATA_KEY}=\"imagefolder:<path>\"')"
+        )
     if name.startswith(HF_PREFIX):  # reads data.class_names_file itself: unnamed labels need it
         return check_classes(load_hf(name, name[len(HF_PREFIX):], config, seed))
     if name.startswith("imagefolder-domains:"):

@@ -11,7 +11,7 @@ from typing import Any
 
 import feddtl
 from feddtl.config import ExperimentConfig
-from feddtl.federation import Federation, build_federation, check_image_size
+from feddtl.federation import Federation, build_federation, check_image_size, refuse_node_local
 from feddtl.methods import get_method
 from feddtl.methods.base import Method, ServerContext
 from feddtl.reporting.plots import plot_partition, plot_run
@@ -28,6 +28,9 @@ BuildFn = Callable[..., Federation]
 """Builds the federation: called as ``build(config, log_fn=..., run_dir=...)``."""
 
 FINAL_FIELDS = ("base_acc", "novel_acc", "hm", "local_acc", "local_acc_per_client")
+NODE_EVAL_FIELDS = ("evaluation", "eval_counts", "eval_missing")
+"""Where the final evaluation ran, its counts and the nodes it lacks, when the SuperNodes evaluated (a
+``node-local`` run); absent from every other run's results."""
 PRIVACY_FIELDS = ("dp_upload_epsilon", "dp_upload_delta", "dp_lora_epsilon", "dp_lora_delta")
 """The (epsilon, delta) spent by the end of the run, per DP channel, when [privacy] turned it on."""
 
@@ -96,6 +99,8 @@ def run_experiment(
     started = time.perf_counter()
     meter = MemoryMeter()
     check_image_size(config)  # a config error, before anything is written
+    if remote_clients is None:
+        refuse_node_local(config)
     if resume and (finished := read_results(out_dir)) is not None:
         log_fn(f"{out_dir} is finished ({finished.get('method')}, {finished.get('rounds')} rounds, engine "
                f"{finished.get('engine')}): nothing to resume, nothing changed")
@@ -140,6 +145,7 @@ def run_experiment(
             fed, method, clients, run, start_round, rows, meter, progress=progress, log_fn=log_fn, stop=stop
         )
         final = {k: rows[-1][k] for k in FINAL_FIELDS}
+        final |= {k: rows[-1][k] for k in NODE_EVAL_FIELDS if k in rows[-1]}
         if "per_domain_acc" in rows[-1]:
             final["per_domain_acc"] = rows[-1]["per_domain_acc"]
     else:
