@@ -6,11 +6,6 @@ BEFORE and AFTER are folders of run directories with the same names (e.g. made b
 the old and the new code). Per run it compares results.json and metrics.jsonl without the machine fields
 (wall time, RSS: ``server.rundir.result_fields``) and final_lora.safetensors byte for byte, and prints
 "same" or what differs. Exit 0 when every run is the same.
-
-    python benchmarks/compare_runs.py BEFORE AFTER --new-field precision
-
-``--new-field NAME`` (repeatable): a results.json field the new code adds (absent BEFORE, present AFTER) is
-listed but not counted as a difference; a value that changed is still one.
 """
 
 from __future__ import annotations
@@ -36,14 +31,10 @@ def _digest(path: Path) -> str | None:
     return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
 
 
-def compare(before: Path, after: Path, new_fields: tuple[str, ...] = ()) -> list[str]:
-    """What differs between the two run folders (empty: the same). ``new_fields``: results.json fields only
-    AFTER may have (added by the new code), left out of the comparison."""
+def compare(before: Path, after: Path) -> list[str]:
+    """What differs between the two run folders (empty: the same)."""
     out = []
     a, b = (_comparable(json.loads((d / "results.json").read_text())) for d in (before, after))
-    for key in new_fields:
-        if key not in a:
-            b.pop(key, None)
     out += [f"results.json {k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
     rows = [[_comparable(json.loads(line)) for line in (d / "metrics.jsonl").read_text().splitlines()] for d in (before, after)]
     if len(rows[0]) != len(rows[1]):
@@ -61,8 +52,6 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("before", type=Path)
     parser.add_argument("after", type=Path)
-    parser.add_argument("--new-field", action="append", default=[], metavar="NAME",
-                        help="a results.json field AFTER adds (absent BEFORE): not a difference (repeatable)")
     args = parser.parse_args(argv)
     names = sorted(p.name for p in args.before.iterdir() if (p / "results.json").is_file())
     if not names:
@@ -74,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name}: missing in {args.after}")
             same = False
             continue
-        diffs = compare(args.before / name, args.after / name, tuple(args.new_field))
+        diffs = compare(args.before / name, args.after / name)
         same &= not diffs
         print(f"{name}: same" if not diffs else f"{name}: differs\n  " + "\n  ".join(diffs))
     print("all the same" if same else "differences found")

@@ -65,7 +65,8 @@ for precision in float32 bfloat16; do
 import json, sys
 from pathlib import Path
 out, asked, device = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
-used = {json.loads(p.read_text())["precision"] for p in out.glob("runs/*/*/seed0/results.json")}
+# results.json records "precision" when a run asks for bfloat16 (absent: float32, the default)
+used = {json.loads(p.read_text()).get("precision", "float32") for p in out.glob("runs/*/*/seed0/results.json")}
 expected = {asked if device == "cuda" else "float32"}  # bfloat16 falls back to float32 off CUDA
 print(f"{asked}: results.json precision {sorted(used)} (expected {sorted(expected)})")
 sys.exit(0 if used == expected else 1)

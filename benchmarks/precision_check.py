@@ -59,7 +59,7 @@ def run(clip: Path, precision: str, args: argparse.Namespace, out: Path) -> dict
         torch.cuda.synchronize()
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return {
-        "precision_asked": precision, "precision_used": results["precision"], "wall_s": time.perf_counter() - started,
+        "precision_asked": precision, "precision_used": results.get("precision", "float32"), "wall_s": time.perf_counter() - started,
         "setup_s": results["setup_s"], "client_s": results.get("time_client_s_total"),
         "server_s": results.get("time_server_s_total"), "eval_s": results.get("time_eval_s_total"),
         **{k: results[k] for k in FIELDS}, "hm_per_round": [r.get("hm") for r in rows if "hm" in r],

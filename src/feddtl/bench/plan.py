@@ -19,8 +19,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from feddtl.bench.errors import SuiteError
 from feddtl.bench.sources import Source
-from feddtl.bench.suite import Cell, Suite, SuiteError, is_finished
+from feddtl.bench.suite import Cell, Suite, is_finished
 from feddtl.config import ExperimentConfig
 from feddtl.data.class_names import PRESET_PREFIX, preset_class_names, resolve_class_names_path
 from feddtl.data.hf import local_hf_format

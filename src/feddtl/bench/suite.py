@@ -24,6 +24,10 @@ Format (see src/feddtl/presets/suites/*.toml)::
     [dataset.cifar10]             # optional: a data set by hub id and local copy; a scenario names it with
                                   # `dataset = "cifar10"` (see bench.sources)
 
+A grid may add ``tuned = "runs/tune-lite/tuned.toml"`` (relative to the working directory; `feddtl bench
+--tuned PATH` overrides it): every cell then runs with the values `feddtl tune` chose for its method and
+partition type (``feddtl.bench.tuned``), and records them in its results.json.
+
 String values may hold ``${ENV_VAR}``; an unset variable is reported by the preflight check (bench.plan),
 which runs before any work and lists everything the suite needs that is missing here (an unset variable in
 a [clip] or [dataset.*] local path only means "no local copy").
@@ -39,13 +43,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from feddtl.bench.errors import SuiteError
 from feddtl.bench.sources import Source, SourceError, merge, resolve_clip, resolve_dataset
+from feddtl.bench.tuned import Tuned, load_tuned
 from feddtl.config import ConfigError, ExperimentConfig, find_toml, load_config, loads_config, to_toml, toml_value
 from feddtl.methods import available_methods
-
-
-class SuiteError(ValueError):
-    """A suite cannot be loaded or cannot run here; the message says what is wrong or missing."""
 
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
@@ -75,19 +77,24 @@ class Scenario:
 
 @dataclass
 class Cell:
-    """One run: a method in a scenario with a seed."""
+    """One run: a method in a scenario with a seed (and, in a tuning sweep, one of its configurations)."""
 
     scenario: str
     method: str
     seed: int
     config: ExperimentConfig
+    variant: str = ""
+    """A tuning sweep's configuration ("c0", "c1", ...): one more folder level; "" in a grid."""
+    record: dict[str, Any] = field(default_factory=dict)
+    """Fields the cell adds to its results.json (the tuned values it runs with, the sweep's configuration)."""
 
     @property
     def key(self) -> str:
-        return f"{self.scenario}/{self.method}/seed{self.seed}"
+        return "/".join(p for p in (self.scenario, self.method, self.variant, f"seed{self.seed}") if p)
 
     def run_dir(self, out: Path) -> Path:
-        return out / "runs" / self.scenario / self.method / f"seed{self.seed}"
+        folder = out / "runs" / self.scenario / self.method
+        return (folder / self.variant if self.variant else folder) / f"seed{self.seed}"
 
 
 @dataclass
@@ -104,6 +111,8 @@ class Suite:
     """The suite file's text, copied into the output folder."""
     missing_env: list[str] = field(default_factory=list)
     """${VARS} used by the suite that are not set in this environment."""
+    tuned: Tuned | None = None
+    """The tuned values the suite runs with (its `tuned` file, or `feddtl bench --tuned`), per method x partition type."""
     clip: Source | None = None
     """The [clip] table, resolved: every cell's backbone."""
     datasets: dict[str, Source] = field(default_factory=dict)
@@ -116,26 +125,40 @@ class Suite:
         n = self.seeds if seeds is None else seeds
         if n < 1:
             raise SuiteError(f"seeds must be >= 1, got {n}")
-        out = []
-        for sc in self.scenarios:
-            source = {} if sc.dataset is None else self.source_overrides(self.datasets[sc.dataset])
-            weights = {} if self.clip is None else {"backbone": self.clip.spec}
-            for method in self.methods:
-                for seed in range(n):
-                    values = merge(
-                        self.common, weights, source, sc.overrides, self.method_overrides.get(method, {}),
-                        {"method": method, "seed": seed},
-                    )
-                    try:
-                        config = load_config(self.base, _flatten(values) + self.extra_overrides)
-                    except ConfigError as exc:
-                        raise SuiteError(f"suite {self.name!r}, scenario {sc.name!r}, method {method!r}: {exc}") from None
-                    out.append(Cell(sc.name, method, seed, config))
-        return out
+        return [self.cell(sc, method, seed) for sc in self.scenarios for method in self.methods for seed in range(n)]
 
-    @staticmethod
-    def source_overrides(source: Source) -> dict[str, Any]:
-        return merge(source.overrides, {"dataset": source.spec})
+    def cell(
+        self, sc: Scenario, method: str, seed: int, knobs: dict[str, Any] | None = None, variant: str = "",
+        record: dict[str, Any] | None = None,
+    ) -> Cell:
+        """One cell: base config < [set] < [clip] < the scenario's [dataset.*] source < scenario < [method_set]
+        < `--set` < ``knobs`` (dotted keys: a tuning sweep's configuration) or the suite's tuned values for
+        (method, partition type) < method and seed."""
+        where = f"suite {self.name!r}, scenario {sc.name!r}, method {method!r}"
+        weights = {} if self.clip is None else {"backbone": self.clip.spec}
+        source = {} if sc.dataset is None else merge(self.datasets[sc.dataset].overrides,
+                                                     {"dataset": self.datasets[sc.dataset].spec})
+        settings = _flatten(merge(self.common, weights, source, sc.overrides, self.method_overrides.get(method, {})))
+        settings += self.extra_overrides  # after the suite's own: a later item wins; a tuned knob may not be set
+        tail = [f"method={toml_value(method)}", f"seed={seed}"]
+        config = self._load(settings + tail, where)
+        record = dict(record or {})
+        if self.tuned is not None:
+            knobs = self.tuned.values(method, config.partition, where)
+            clash = sorted(set(knobs) & {item.split("=", 1)[0] for item in settings})
+            if clash:
+                raise SuiteError(f"{where}: sets {clash}, which the tuned file {self.tuned.path} chooses; leave them to it")
+            self.tuned.check_split(config, where)
+            record["tuned"] = self.tuned.record(method, config.partition)
+        if knobs:
+            config = self._load(settings + [f"{k}={toml_value(v)}" for k, v in knobs.items()] + tail, where)
+        return Cell(sc.name, method, seed, config, variant=variant, record=record)
+
+    def _load(self, overrides: list[str], where: str) -> ExperimentConfig:
+        try:
+            return load_config(self.base, overrides)
+        except ConfigError as exc:
+            raise SuiteError(f"{where}: {exc}") from None
 
     def select(self, scenarios: list[str] | None = None, methods: list[str] | None = None) -> "Suite":
         """The suite restricted to some scenarios and methods (`feddtl bench --scenarios/--methods`), in the
@@ -203,6 +226,8 @@ def resolve_suite_path(name_or_path: str) -> Path:
     path = find_toml(name_or_path, suite_dir())
     if path is not None:
         return path
+    if (suite_dir().parent / "tuning" / f"{name_or_path}.toml").is_file():
+        raise SuiteError(f"{name_or_path!r} is a tuning suite: run it with `feddtl tune --suite {name_or_path} --out DIR`")
     raise SuiteError(f"suite {name_or_path!r} is neither a file nor a named suite; named suites: {', '.join(available_suites())}")
 
 
@@ -213,21 +238,27 @@ def _table(raw: dict[str, Any], key: str, where: str) -> dict[str, Any]:
     return value
 
 
-def load_suite(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) -> Suite:
-    """Read and check a suite (names, methods, config keys of every cell); no work is done.
-
-    ``overrides``: `--set KEY=VALUE` items applied to every cell last (e.g. fewer rounds for a smoke run)."""
-    path = resolve_suite_path(name_or_path)
+def read_suite_file(path: Path) -> tuple[str, dict[str, Any]]:
+    """(text, parsed TOML) of a suite file."""
     text = path.read_text()
     try:
-        raw = tomllib.loads(text)
+        return text, tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise SuiteError(f"{path}: not valid TOML: {exc}") from None
-    allowed = {"name", "description", "base", "seeds", "methods", "set", "scenario", "method_set", "clip", "dataset"}
+
+
+SUITE_KEYS = ("name", "description", "base", "seeds", "methods", "set", "scenario", "method_set", "clip", "dataset")
+
+
+def parse_suite(path: Path, text: str, raw: dict[str, Any], extra_keys: tuple[str, ...] = ()) -> Suite:
+    """The grid part of a suite file (base, [set], scenarios, methods, [method_set]); keys in ``extra_keys``
+    are left to the caller (a grid's `tuned`, a tuning sweep's search space). Cells are not built yet."""
+    allowed = set(SUITE_KEYS) | set(extra_keys)
     unknown = sorted(set(raw) - allowed)
     if unknown:
         raise SuiteError(f"{path}: unknown keys {unknown}; allowed: {', '.join(sorted(allowed))}")
     # [clip] and [dataset.*] expand ${VARS} themselves: unset there means "no local copy", not "missing".
+    raw = dict(raw)
     try:
         clip = resolve_clip(raw.pop("clip")) if "clip" in raw else None
         raw_datasets = raw.pop("dataset", {})
@@ -287,7 +318,7 @@ def load_suite(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) -
     stray = sorted(set(method_sets) - set(methods))
     if stray:
         raise SuiteError(f"{path}: [method_set] names methods not in the suite: {stray}")
-    suite = Suite(
+    return Suite(
         name=str(name),
         description=str(raw.get("description", "")),
         base=base,
@@ -300,8 +331,25 @@ def load_suite(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) -
         missing_env=sorted(missing),
         clip=clip,
         datasets=datasets,
-        extra_overrides=list(overrides),
     )
+
+
+def load_suite(name_or_path: str, tuned: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Suite:
+    """Read and check a suite (names, methods, config keys of every cell); no work is done.
+
+    ``tuned``: a tuned.toml (`feddtl tune`) to run with, in place of the suite's own `tuned` key. A suite
+    that names tuned values which are missing here fails now, saying how to make them.
+    ``overrides``: `--set KEY=VALUE` items applied to every cell after the suite's own (e.g. fewer rounds).
+    """
+    path = resolve_suite_path(name_or_path)
+    text, raw = read_suite_file(path)
+    suite = parse_suite(path, text, raw, extra_keys=("tuned",))
+    suite.extra_overrides = list(overrides)
+    declared = raw.get("tuned")
+    if declared is not None and not isinstance(declared, str):
+        raise SuiteError(f"{path}: tuned must be the path of a tuned.toml, got {declared!r}")
+    if tuned is not None or declared is not None:
+        suite.tuned = load_tuned(tuned if tuned is not None else _expand(declared, set()), suite=suite.name)
     if not suite.missing_env:
         suite.cells(1)  # validates every cell's config now, before any work
     return suite
