@@ -87,6 +87,8 @@ def test_node_local_needs_a_class_list_and_runs_on_the_deployment_engine_only(tm
     classes = tmp_path / "classes.txt"
     classes.write_text("\n".join(RUN))
     config = load_config("tiny", ["dataset='node-local'", f"data.class_names_file='{classes}'"])
+    with pytest.raises(ConfigError, match="eval.on='validation' is not available"):
+        load_config("tiny", ["dataset='node-local'", f"data.class_names_file='{classes}'", "eval.on='validation'"])
     # in process: refused before anything is written
     with pytest.raises(ConfigError, match="run it on the Deployment Engine"):
         run_experiment(config, tmp_path / "run", progress=False, log_fn=lambda s: None)

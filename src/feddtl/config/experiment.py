@@ -172,6 +172,12 @@ class ExperimentConfig:
                 f"dataset={NODE_LOCAL!r} needs data.class_names_file: the run's class list (one name per line), "
                 "onto which every SuperNode's own classes are matched"
             )
+        if self.dataset == NODE_LOCAL and self.eval.on == "validation":
+            # Nodes evaluate on their own held-out test images; no node carves a validation hold-out.
+            raise ConfigError(
+                f"eval.on='validation' is not available with dataset={NODE_LOCAL!r}: the nodes evaluate on their "
+                "own test images; use eval.on='test'"
+            )
         for section in (
             self.data, self.lora, self.client, self.grpo, self.server, self.prompt, self.cache, self.checkpoint,
             self.robustness, self.flower, self.fedpgp,
