@@ -345,6 +345,14 @@ def test_a_grid_refuses_clashes_the_tuning_split_and_gaps(tmp_path, extra, chose
         load_suite(str(_grid(tmp_path, tuned, extra)))
 
 
+def test_bench_set_may_not_override_a_tuned_knob(tmp_path):
+    tuned = _tuned_file(tmp_path / "tuned.toml")
+    grid = str(_grid(tmp_path, tuned))
+    with pytest.raises(SuiteError, match="sets \\['client.lr'\\], which the tuned file .* chooses"):
+        load_suite(grid, overrides=["client.lr=0.1"])  # `feddtl bench --set client.lr=0.1`
+    assert {c.config.rounds for c in load_suite(grid, overrides=["rounds=3"]).cells()} == {3}
+
+
 def test_a_grid_whose_tuned_file_is_missing_stops_before_any_work(tmp_path, capsys):
     path = _grid(tmp_path, tmp_path / "nowhere" / "tuned.toml")
     with pytest.raises(SuiteError, match="runs with tuned values from .*nowhere/tuned.toml, but that file does not exist"):
