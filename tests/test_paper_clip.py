@@ -156,10 +156,10 @@ def fashion_six(folder: Path, per_class: int = 20, test_per_class: int = 4) -> P
     return folder
 
 
-@pytest.mark.slow  # about 30 s on a busy 2-core machine: a bench worker process and two tiny runs
 @pytest.mark.skipif(not FASHION.is_dir(), reason="needs the Fashion-MNIST files (apt-get install dataset-fashion-mnist)")
 def test_real_suite_runs_a_cell_on_local_copies(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    # 6-19 s on the 2-core machine (31 s once with both cores busy): a bench worker process and two tiny runs
     # prepare: local copies where the suite looks for them
     monkeypatch.setenv("FEDDTL_CLIP_DIR", str(build_tiny_clip(tmp_path / "clip")))
     monkeypatch.setenv("FEDDTL_DATA_ROOT", str(tmp_path / "data"))
