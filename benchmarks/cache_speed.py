@@ -5,7 +5,10 @@ ViT-B/16's image tower, loaded through ``HFClipBackbone``) and image size, it ti
 SFT step (``feddtl.algorithm.client.sft_epochs``: image tail forward + backward through the LoRA tail,
 Adam step) reading trunk features from
 
-- ``cached``: a ``TrunkCache`` in-memory store (trunk run once, beforehand), and
+- ``cached``: a ``TrunkCache`` in-memory store (trunk run once, beforehand): on CUDA it sits on the device
+  (``cache.device_budget_mb``), on a CPU in RAM;
+- ``cached_ram`` (CUDA only): the same store kept in RAM (``cache.device_budget_mb = 0``), copied to the
+  device batch by batch, as every CUDA run did before the device placement; and
 - ``uncached``: a ``PixelStore`` (every step loads the images, resizes, normalises, runs the frozen
   trunk, then the same tail step): what ``cache.enabled = false`` does.
 
@@ -124,10 +127,12 @@ def measure(
     labels = torch.from_numpy(dataset.labels)
     out: dict[str, float | int] = {}
     caches, data = {}, {}
-    for mode in ("cached", "uncached"):
+    modes = ("cached", "cached_ram", "uncached") if device.type == "cuda" else ("cached", "uncached")
+    for mode in modes:
         caches[mode] = TrunkCache(
-            CacheConfig(enabled=mode == "cached", batch_size=batch_size), backbone, size,
-            run_dir=workdir, log_fn=lambda s: None,
+            CacheConfig(enabled=mode != "uncached", batch_size=batch_size,
+                        device_budget_mb=0.0 if mode == "cached_ram" else None),
+            backbone, size, run_dir=workdir, log_fn=lambda s: None,
         )
         if mode == "cached":  # a first, untimed fill warms the trunk up (kernel choice, allocations)
             caches[mode].store("warm-up", dataset, indices)
@@ -218,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"feddtl trunk-cache benchmark on {where}, torch {torch.__version__}{' (quick)' if args.quick else ''}; "
           f"load average {_load()} (other processes on the CPUs slow these timings down)")
     header = f"{'backbone':<8} {'px':>4} {'tail':>7} {'batch':>5} {'cached img/s':>13} {'uncached img/s':>15} " \
-             f"{'ratio':>7} {'fill img/s':>11}"
+             f"{'ratio':>7} {'fill img/s':>11} {'RAM-cached img/s':>17}"
     rows: list[dict] = []
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="feddtl-bench-") as tmp:
@@ -233,13 +238,15 @@ def main(argv: list[str] | None = None) -> int:
                 r = measure(backbone, size, batch, workdir, repeats=args.repeats,
                             **(dict(min_time=2.0, max_steps=20) if args.quick else {}))
                 rows.append({"backbone": name, "image_size": size, "tail_blocks": tail, "batch_size": batch, **r})
+                ram = f"{r['cached_ram_img_s']:>17.1f}" if "cached_ram_img_s" in r else f"{'-':>17}"
                 print(
                     f"{name:<8} {size:>4} {tail:>7} {batch:>5} {r['cached_img_s']:>13.1f} {r['uncached_img_s']:>15.1f} "
-                    f"{r['ratio']:>6.1f}x {r['fill_img_s']:>11.1f}",
+                    f"{r['ratio']:>6.1f}x {r['fill_img_s']:>11.1f} {ram}",
                     flush=True,
                 )
             del backbone
-        print(f"(tail: LoRA blocks / image blocks; fill: the one-off trunk pass that fills the cache; "
+        print(f"(tail: LoRA blocks / image blocks; fill: the one-off trunk pass that fills the cache; RAM-cached "
+              f"(CUDA only): the store in RAM, copied to the device per batch; "
               f"{time.perf_counter() - started:.0f} s; load average now {_load()})")
         report: dict = {"device": where, "torch": torch.__version__, "quick": args.quick, "rows": rows}
         if args.demo:

@@ -10,7 +10,8 @@ import pytest
 
 from feddtl.bench.report import write_report
 from feddtl.bench.runner import is_finished
-from feddtl.bench.suite import SuiteError, available_suites, cell_config_text, federation_key, load_suite, preflight
+from feddtl.bench.plan import preflight
+from feddtl.bench.suite import SuiteError, available_suites, cell_config_text, federation_key, load_suite
 from feddtl.cli import main
 
 METHODS = ["zeroshot", "fedlora", "promptfl", "fedpgp", "feddtl-decoupled", "feddtl-twostage", "feddtl"]
@@ -68,6 +69,8 @@ def test_unknown_method_is_an_error(tmp_path):
 def test_paper_clip_fails_fast_naming_what_is_missing(monkeypatch, tmp_path, capsys):
     for var in ("FEDDTL_CLIP_DIR", "FEDDTL_DATA_ROOT"):
         monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the hub ids count as missing, without asking the network
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
     suite = load_suite("paper-clip")
     with pytest.raises(SuiteError, match="FEDDTL_CLIP_DIR") as err:
         preflight(suite)

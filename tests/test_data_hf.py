@@ -179,6 +179,54 @@ def test_class_names_file_replaces_classlabel_names_and_other_datasets_names(tmp
     assert sk.classnames[9] == "nine"
 
 
+def test_mapped_class_names_file_renames_orders_and_selects(tmp_path: Path) -> None:
+    # prepare: "<dataset's name> = <name>" lines, in another order, another letter case and "_"/space, 4 of 10
+    name = saved(tmp_path, train=hf_split(4), test=hf_split(2, offset=4))
+    names = tmp_path / "coop.txt"
+    names.write_text("# a comment line\nDIGIT 7 = seven\ndigit_2 = two\n\ndigit 0 = zero\ndigit_5 = five\n")
+    # execute
+    splits = load_dataset(name, DataConfig(class_names_file=str(names)), seed=0)
+    # assert: the file's order is the label order (hence the base/novel split); the other classes are gone
+    assert splits.classnames == ["seven", "two", "zero", "five"] == splits.test.classnames
+    assert (len(splits.train), len(splits.test)) == (16, 8)
+    image = splits.train.load_images([int(np.flatnonzero(splits.train.labels == 0)[0])])[0]
+    assert np.array_equal(np.asarray(image)[..., 0], digits(4)[0][7 * 4])  # label 0 is the dataset's digit 7
+    # the same file works on any source with those names (here an image folder would too: sklearn digits are
+    # named "zero".."nine", so a file mapping them is read the same way)
+    sk_names = tmp_path / "sk.txt"
+    sk_names.write_text("nine = 9\none = 1\n")
+    assert load_dataset("digits", DataConfig(class_names_file=str(sk_names)), seed=0).classnames == ["9", "1"]
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("digit 1 = one\ntwo\n", "mixes 'source = name' lines with plain names"),
+        ("digit 1 = one\ndigit_1 = uno\n", "maps ['digit 1'] more than once"),
+        ("digit 1 = one\ncat = two\n", "maps 1 class(es)"),
+        ("digit 1 = \n", "needs a name on both sides"),
+    ],
+)
+def test_mapped_class_names_file_errors(tmp_path: Path, text: str, message: str) -> None:
+    name = saved(tmp_path, train=hf_split(2))
+    names = tmp_path / "classes.txt"
+    names.write_text(text)
+    assert message in one_line_error(name, DataConfig(class_names_file=str(names)))
+
+
+def test_shipped_class_names_files_by_preset_name(tmp_path: Path) -> None:
+    # prepare: EuroSAT's folder names as the labels of a small copy
+    eurosat = ["AnnualCrop", "Forest", "HerbaceousVegetation", "Highway", "Industrial", "Pasture", "PermanentCrop",
+               "Residential", "River", "SeaLake"]
+    name = saved(tmp_path, train=hf_split(3, label=ClassLabel(names=eurosat)))
+    # execute
+    splits = load_dataset(name, DataConfig(class_names_file="preset:eurosat"), seed=0)
+    # assert: CoOp's names; an unknown preset names the shipped files
+    assert splits.classnames[:3] == ["Annual Crop Land", "Forest", "Herbaceous Vegetation Land"]
+    message = one_line_error(name, DataConfig(class_names_file="preset:nope.txt"))
+    assert "cannot read" in message and "eurosat.txt" in message and "caltech101.txt" in message
+
+
 def test_hub_id_goes_to_datasets_load_dataset_with_the_subset(monkeypatch: pytest.MonkeyPatch) -> None:
     # prepare: a fake Hub (no network in tests)
     calls = []

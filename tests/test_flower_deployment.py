@@ -29,6 +29,8 @@ from feddtl.flower.versions import TEST_FEDDTL_VERSION
 from feddtl.server.rundir import result_fields
 from feddtl.server.experiment import run_experiment
 
+from image_folders import write_digit_folder
+
 REPO = Path(__file__).resolve().parents[1]
 # tiny with two clients (pathological needs 2 x 3 classes to cover the 5 base classes), two rounds.
 OVERRIDES = ["num_clients=2", "rounds=2", "classes_per_client=3"]
@@ -342,6 +344,53 @@ def test_supernode_restarted_mid_round_rejoins(
     assert "partition 1 rejoined" in log
     assert_same_run(out, tiny_clip_reference_of(*more), engine="flower-deployment",
                     ignore=("failed", "retries", "bytes_"), exact=True)
+
+
+RUN_CLASSES = ["zero", "one", "two", "three", "four", "five"]
+"""A node-local run's class list: base zero, one, two; novel three, four, five (base_novel = "half")."""
+
+
+@pytest.mark.slow
+def test_supernodes_with_their_own_data_train_and_evaluate_on_their_nodes(
+    own_deployment, certs, tiny_clip_overrides, tmp_path
+) -> None:
+    # prepare: the server holds only the class list; each node an image folder of its own, other classes
+    # (node 0 names one class otherwise, "One", and holds "zebra", which the run does not know)
+    dep = own_deployment
+    classes = tmp_path / "classes.txt"
+    classes.write_text("\n".join(RUN_CLASSES) + "\n")
+    folders = [
+        write_digit_folder(tmp_path / "org0", {"zero": 0, "One": 1, "three": 3, "zebra": 9}, per_class=10),
+        write_digit_folder(tmp_path / "org1", {"one": 1, "two": 2, "four": 4, "five": 5}, per_class=10, skip=10),
+    ]
+    for k, folder in enumerate(folders):
+        dep.start_supernode(k, 2, certs / f"node{k}", node_config=f'data="imagefolder:{folder}"')
+    out = tmp_path / "run"
+    overrides = [*tiny_clip_overrides, "dataset='node-local'", f"data.class_names_file='{classes}'"]
+    # execute
+    run_id = dep.submit(REPO, run_config(overrides, out=str(out)))
+    row = dep.wait_run(run_id, RUN_TIMEOUT_S)
+    # assert: completed; the server warned about node 0's unknown class and wrote what each node reported
+    log = dep.run_log(run_id)
+    assert row["status"] == COMPLETED, f"{row['status']} {row['status-details']}\n{log}"
+    assert "(partition 0): its classes ['zebra'] are not in the run's class list; excluded" in log
+    nodes = json.loads((out / "nodes.json").read_text())["partitions"]
+    assert nodes["0"]["excluded_classes"] == ["zebra"] and nodes["1"]["excluded_classes"] == []
+    # 10 images a class: 2 held out (data.test_fraction 0.2), 8 trained on (shots = 8)
+    assert nodes["0"]["train_per_class"] == {"zero": 8, "one": 8} and nodes["1"]["train_per_class"] == {"one": 8, "two": 8}
+    assert nodes["0"]["test_per_class"]["novel"] == {"three": 2, "four": 0, "five": 0}
+    # the nodes evaluated: counts per node and class, pooled by count
+    results = json.loads((out / "results.json").read_text())
+    assert results["evaluation"] == "nodes" and results["engine"] == "flower-deployment"
+    counts = results["eval_counts"]
+    assert counts["per_class"]["base"]["classes"] == RUN_CLASSES[:3]
+    assert counts["per_class"]["base"]["total"] == [2, 4, 2] and counts["per_class"]["novel"]["total"] == [2, 2, 2]
+    assert [counts["per_client"][k]["base"][1] for k in "01"] == [4, 4]
+    assert [counts["per_client"][k]["novel"][1] for k in "01"] == [2, 4]
+    for group, key in (("base", "base_acc"), ("novel", "novel_acc"), ("local", "local_acc")):
+        pooled = counts["per_class"][group]
+        assert math.isclose(results[key], 100 * sum(pooled["correct"]) / sum(pooled["total"]))
+    assert len(results["local_acc_per_client"]) == 2
 
 
 @pytest.mark.slow

@@ -44,6 +44,7 @@ def test_keys_change_with_what_the_entries_depend_on_and_nothing_else(config) ->
     unrelated = [
         replace(config, rounds=9), replace(config, method="fedlora"), replace(config, client=replace(config.client, lr=0.5)),
         replace(config, eval=replace(config.eval, every=1)), replace(config, cache=replace(config.cache, memory_budget_mb=1)),
+        replace(config, eval=replace(config.eval, validation_per_class=10)),  # unused in test mode
     ]
     # execute / assert: (partition, backbone, trunk) key changes of each input
     for c in unrelated:
@@ -55,6 +56,8 @@ def test_keys_change_with_what_the_entries_depend_on_and_nothing_else(config) ->
         (replace(config, shots=4), (True, False, False)),
         (replace(config, min_partition_size=2), (True, False, False)),
         (replace(config, partition="iid"), (True, False, False)),
+        # the validation hold-out leaves the pool before the partition; trunk indices stay train-split positions
+        (replace(config, eval=replace(config.eval, on="validation", validation_per_class=10)), (True, False, False)),
         (replace(config, data=replace(config.data, invert=True)), (True, False, True)),
         (replace(config, data=replace(config.data, image_size=48)), (True, True, True)),
         (replace(config, backbone_options=replace(config.backbone_options, template="a {}")), (False, True, True)),

@@ -5,6 +5,7 @@ answers each message at once from the fake nodes it holds (the deployment test r
 from __future__ import annotations
 
 import itertools
+import json
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 
@@ -16,7 +17,9 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from feddtl.algorithm.messages import ClientTask
 from feddtl.config import ConfigError, load_config
-from feddtl.flower import records, server_app
+from feddtl.evaluation import ClassCounts, EvalCounts
+from feddtl.federation import ClassSplit
+from feddtl.flower import eval_records, records, server_app
 from feddtl.flower.server_app import SuperNodeClients, settings_from_run_config
 from feddtl.flower.versions import TEST_FEDDTL_VERSION, local_versions, node_versions
 from feddtl.server.checkpoint import load_run_config
@@ -37,6 +40,10 @@ class FakeNode:
     """True: killed when it takes a task, so the SuperLink stops listing it (no heartbeat)."""
     classes: list[int] = field(default_factory=list)
     count: int = 0
+    report: records.NodeReport | None = None
+    """What its handshake says about its data (None: nothing, as a feddtl from before the report)."""
+    counts: EvalCounts | None = None
+    """Its answer to an evaluation."""
 
 
 class FakeGrid:
@@ -75,8 +82,11 @@ class FakeGrid:
     def _answer(self, mid: str, node: FakeNode, kind: str) -> SimpleNamespace:
         if kind == "query":
             content = records.hello_reply(node.partition, 2, node.classes or CLASSES[node.partition],
-                                          node.count or COUNTS[node.partition])
+                                          node.count or COUNTS[node.partition], node.report)
             content[records.HELLO_VERSIONS] = records.versions_record(node.versions)
+        elif kind == "evaluate":
+            assert node.counts is not None, "a node without counts was asked to evaluate"
+            content = eval_records.counts_to_records(node.counts)
         else:
             content = RecordDict()  # a stand-in update: these tests read the replies, not the updates
         return SimpleNamespace(metadata=SimpleNamespace(reply_to_message_id=mid), content=content,
@@ -112,7 +122,8 @@ def _config(*overrides: str):
 
 
 def _fed():
-    return SimpleNamespace(classes=SimpleNamespace(base=[f"c{i}" for i in range(NUM_CLASSES)]))
+    names = [f"c{i}" for i in range(2 * NUM_CLASSES)]
+    return SimpleNamespace(classes=ClassSplit(list(range(NUM_CLASSES)), list(range(NUM_CLASSES, 2 * NUM_CLASSES)), names))
 
 
 def _task(round_num: int) -> ClientTask:
@@ -258,3 +269,51 @@ def test_run_config_resume_reads_the_run_directory(tmp_path) -> None:
         settings_from_run_config({"resume": str(run.path), "out": str(tmp_path / "elsewhere")}, 7)
     with pytest.raises(ConfigError, match="no config.toml"):
         settings_from_run_config({"resume": str(tmp_path / "nothing")}, 7)
+
+
+# ----- SuperNodes with their own data --------------------------------------------------------------
+
+
+def _own(source: str, excluded: list[str], test_base: list[int]) -> records.NodeReport:
+    return records.NodeReport([4, 4, 4], source, excluded, test_base, [1] * NUM_CLASSES)
+
+
+def test_own_data_are_logged_unknown_classes_warned_and_reports_written(versions, tmp_path) -> None:
+    # prepare: node 10 brings its own data, with a class the run does not know; node 11 a partition as before
+    grid = FakeGrid()
+    grid.add(10, FakeNode(0, versions, report=_own("imagefolder:/org0", ["zebra"], [2, 2, 2, 0, 0])))
+    grid.add(11, FakeNode(1, versions, report=records.NodeReport([5, 4, 5])))
+    lines: list[str] = []
+    clients = SuperNodeClients(grid, _config(), log_fn=lines.append)
+    # execute
+    clients.connect(_fed())
+    clients.write_nodes(tmp_path)
+    # assert: the server logs the unknown class as a warning; nodes.json holds both reports
+    assert any("SuperNode 10 (partition 0) brings its own data imagefolder:/org0: 12 training images "
+               "(c0 4, c1 4, c2 4), 6 base and 5 novel test images" in line for line in lines)
+    assert "WARNING: SuperNode 10 (partition 0): its classes ['zebra'] are not in the run's class list; excluded " \
+           "(their images are not used)" in lines
+    nodes = json.loads((tmp_path / server_app.NODES_FILE).read_text())["partitions"]
+    assert nodes["0"]["excluded_classes"] == ["zebra"] and nodes["0"]["test_per_class"]["base"]["c1"] == 2
+    assert nodes["1"] == {"node": 11, "data": "digits", "train_images": 14, "train_per_class": {"c2": 5, "c3": 4, "c4": 5}}
+
+
+def test_evaluation_on_the_nodes_pools_their_counts_and_names_a_node_that_did_not_answer(versions) -> None:
+    # prepare: both nodes evaluate; node 11 then stops answering
+    def counts(correct: int, total: int) -> EvalCounts:
+        c = ClassCounts(torch.tensor([correct] + [0] * (NUM_CLASSES - 1)), torch.tensor([total] + [0] * (NUM_CLASSES - 1)))
+        return EvalCounts(c, c, c)
+
+    grid, clients, lines = _connected(versions)
+    grid.nodes[10].counts, grid.nodes[11].counts = counts(1, 2), counts(6, 6)
+    T = torch.zeros(NUM_CLASSES, 4)
+    clients.fed.backbone = SimpleNamespace(image_lora_state=dict)
+    # execute
+    both = clients.evaluate(T, T, None)
+    grid.nodes[11].answers = False
+    one = clients.evaluate(T, T, None)
+    # assert: pooled by count (7 of 8); then node 0's alone, with node 1 named
+    assert both["evaluation"] == "nodes" and both["base_acc"] == pytest.approx(87.5)
+    assert both["local_acc_per_client"] == [50.0, 100.0] and "eval_missing" not in both
+    assert one["base_acc"] == pytest.approx(50.0) and one["eval_missing"][0]["client"] == 1
+    assert any(line.startswith("WARNING: partition 1 left out of the evaluation") for line in lines)

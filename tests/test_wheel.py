@@ -102,6 +102,9 @@ def _check_wheel_contents(wheel: Path) -> None:
     assert {"feddtl/presets/" + f"{p}.toml" for p in PRESETS} <= set(expected)
     assert any(e.startswith("feddtl/presets/suites/") for e in expected)
     expected.append("feddtl/backbones/imagenet_classnames.txt")
+    class_names = [p.relative_to(PACKAGE.parent).as_posix() for p in (PACKAGE / "presets" / "class_names").glob("*.txt")]
+    assert "feddtl/presets/class_names/eurosat.txt" in class_names  # the CoOp-style files the paper-clip suite uses
+    expected += class_names
     sources = [p for p in PACKAGE.rglob("*.py") if "__pycache__" not in p.parts]
     expected += [p.relative_to(PACKAGE.parent).as_posix() for p in sources]
     missing = sorted(set(expected) - names)
@@ -174,6 +177,10 @@ def test_wheel_installs_and_runs_outside_the_repository(tmp_path: Path) -> None:
     assert cli.exists(), "the wheel's console script was not installed"
     listed = set(_run([cli, "presets"], cwd=work, env=_clean_env()).stdout.split())
     assert PRESETS <= listed, f"`feddtl presets` printed {sorted(listed)}"
+    # the paper's grid resolves from the installed package: its class-name files are found (offline, the hub ids
+    # are listed as missing, the preset:*.txt files are not)
+    plan = _run([cli, "bench", "--suite", "paper-clip", "--dry-run"], cwd=work, env=_clean_env()).stdout
+    assert "class names preset:eurosat.txt" in plan and "class names file" not in plan
 
     out = tmp_path / "run"
     _run([cli, "run", "--config", "tiny", "--out", out, "--quiet"], cwd=work, env=_clean_env(), timeout=600)

@@ -69,8 +69,9 @@ def _quiet_hf() -> Iterator[None]:
 
 
 def _summary(results: dict) -> str:
+    on = " on the validation hold-out" if results.get("eval_on") == "validation" else ""
     return (
-        f"{results['method']} on {results['dataset']} ({results['partition']}, {results['rounds']} rounds): "
+        f"{results['method']} on {results['dataset']} ({results['partition']}, {results['rounds']} rounds){on}: "
         f"Base {results['base_acc']:.2f}  Novel {results['novel_acc']:.2f}  HM {results['hm']:.2f}  "
         f"Local {results['local_acc']:.2f}"
     )
@@ -210,6 +211,9 @@ def _describe_entry(kind: str, key: dict) -> str:
     try:
         if kind == "backbone":
             return f"backbone {key['backbone']} (derived tensors)"
+        if kind in ("partition", "holdout") and "run_classes" in key:  # a SuperNode's own data
+            what = "training images" if kind == "partition" else "test images"
+            return f"{key['dataset']}: own data of partition {key['client_id']}, {what} ({len(key['run_classes'])} run classes)"
         if kind == "partition":
             return f"{key['dataset']} partition {key['client_id']} of {key['num_clients']} ({key['partition']}, seed {key['seed']})"
         if kind == "trunk":
@@ -248,12 +252,24 @@ def _cmd_presets(args: argparse.Namespace) -> int:
     return 0
 
 
+def _csv(text: str | None) -> list[str] | None:
+    return None if text is None else [part.strip() for part in text.split(",") if part.strip()]
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
+    from feddtl.bench.plan import format_plan, make_plan
     from feddtl.bench.runner import run_suite
     from feddtl.bench.suite import SuiteError, load_suite
 
+    if args.out is None and not args.dry_run:
+        print("feddtl bench: --out DIR is required (or --dry-run to list the cells and what is missing)", file=sys.stderr)
+        return 2
     try:
-        suite = load_suite(args.suite)
+        suite = load_suite(args.suite, tuned=args.tuned, overrides=args.set or []).select(_csv(args.scenarios), _csv(args.methods))
+        if args.dry_run:
+            out = None if args.out is None else Path(args.out)
+            print(format_plan(make_plan(suite, suite.cells(args.seeds), out=out), out=out))
+            return 0
         counts = run_suite(suite, args.out, seeds=args.seeds, jobs=args.jobs, log_fn=lambda s: print(s, flush=True))
     except SuiteError as exc:
         print(f"feddtl bench: {exc}", file=sys.stderr)
@@ -263,6 +279,33 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         f"{counts['ran']} ran now, {counts['failed']} unfinished -> {Path(args.out) / 'table.md'}"
     )
     return 0 if counts["failed"] == 0 else 1
+
+
+def _cmd_tune(args: argparse.Namespace) -> int:
+    from feddtl.bench.errors import SuiteError
+    from feddtl.bench.tune import run_tuning
+    from feddtl.bench.tuning import load_tuning_suite
+
+    try:
+        tsuite = load_tuning_suite(args.suite)
+        counts = run_tuning(tsuite, args.out, jobs=args.jobs, log_fn=lambda s: print(s, flush=True))
+    except SuiteError as exc:
+        print(f"feddtl tune: {exc}", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    if counts["failed"]:
+        print(
+            f"tuning suite {tsuite.name}: {counts['failed']} of {counts['cells']} cells unfinished (see {out / 'jobs'}); "
+            "no tuned.toml written: run the same command again to finish them",
+            file=sys.stderr,
+        )
+        return 1
+    print((out / "tuned.md").read_text(), end="")
+    print(
+        f"tuning suite {tsuite.name}: {counts['cells']} cells, {counts['finished_before']} already finished, "
+        f"{counts['ran']} ran now -> {out / 'tuned.toml'}, {out / 'tuned.md'}"
+    )
+    return 0
 
 
 def _cmd_bench_report(args: argparse.Namespace) -> int:
@@ -381,12 +424,43 @@ def build_parser() -> argparse.ArgumentParser:
     )
     report.add_argument("dirs", nargs="+")
     report.set_defaults(func=_cmd_report)
-    bench = sub.add_parser("bench", help="run a benchmark suite (methods x scenarios x seeds), resumable")
-    bench.add_argument("--suite", required=True, help="suite name (smoke, paper-lite, paper-clip) or TOML path")
-    bench.add_argument("--out", required=True, help="output folder; finished cells in it are skipped")
+    bench = sub.add_parser(
+        "bench",
+        help="run a benchmark suite (methods x scenarios x seeds), resumable",
+        epilog="exit status: 0 every cell finished (or --dry-run printed its table), 1 some cells failed, 2 the "
+        "suite is malformed or needs something this machine lacks (listed, before any work)",
+    )
+    bench.add_argument("--suite", required=True, help="suite name (smoke, paper-lite, paper-lite-v2, paper-clip) or TOML path")
+    bench.add_argument("--out", default=None, help="output folder; finished cells in it are skipped")
     bench.add_argument("--seeds", type=int, default=None, help="seeds per cell (default: the suite's)")
     bench.add_argument("--jobs", type=int, default=1, help="worker processes at once (default 1)")
+    bench.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="run nothing: list every cell, the data set and weights it reads (local path) or fetches (hub id), "
+        "and what is missing here; with --out, which cells are finished there",
+    )
+    bench.add_argument(
+        "--set", action="append", metavar="KEY=VALUE",
+        help="override a config key in every cell, after the suite's own overrides (repeatable), e.g. rounds=2",
+    )
+    bench.add_argument("--scenarios", metavar="A,B", default=None, help="only these scenarios (comma-separated)")
+    bench.add_argument("--methods", metavar="X,Y", default=None, help="only these methods (comma-separated)")
+    bench.add_argument(
+        "--tuned", default=None, metavar="TUNED.toml",
+        help="run with the values `feddtl tune` chose (its tuned.toml), in place of the suite's `tuned` key",
+    )
     bench.set_defaults(func=_cmd_bench)
+    tune = sub.add_parser(
+        "tune",
+        help="tune every method's open knobs on a tuning split and a validation hold-out (resumable); writes tuned.toml",
+        epilog="exit status: 0 done (DIR/tuned.toml, DIR/tuned.md written), 1 some cells failed (rerun to finish), "
+        "2 bad suite or missing data",
+    )
+    tune.add_argument("--suite", required=True, help="tuning suite name (tune-lite) or TOML path")
+    tune.add_argument("--out", required=True, help="output folder; finished cells in it are skipped")
+    tune.add_argument("--jobs", type=int, default=1, help="worker processes at once (default 1)")
+    tune.set_defaults(func=_cmd_tune)
     bench_report = sub.add_parser("bench-report", help="rebuild a suite's table and plots from its output folder")
     bench_report.add_argument("dir")
     bench_report.set_defaults(func=_cmd_bench_report)

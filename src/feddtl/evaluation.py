@@ -126,3 +126,112 @@ def per_domain_accuracy(
         n = accuracy(novel_logits[n_mask], novel_labels[n_mask])
         out[name] = {"base": b, "novel": n, "hm": harmonic_mean(b, n) if b == b and n == n else float("nan")}
     return out
+
+
+# ----- evaluation by counts: each SuperNode on its own test images, pooled on the server -------------------
+
+
+@dataclass
+class ClassCounts:
+    """Correct and total test images per class of one group (base or novel classes, or a client's Local)."""
+
+    correct: torch.Tensor
+    """(C,) int64."""
+    total: torch.Tensor
+    """(C,) int64."""
+
+    @classmethod
+    def zeros(cls, num_classes: int) -> ClassCounts:
+        return cls(torch.zeros(num_classes, dtype=torch.long), torch.zeros(num_classes, dtype=torch.long))
+
+    def accuracy(self) -> float:
+        """Percent of all counted images (NaN when there are none)."""
+        total = int(self.total.sum())
+        return 100.0 * int(self.correct.sum()) / total if total else float("nan")
+
+    def __add__(self, other: ClassCounts) -> ClassCounts:
+        return ClassCounts(self.correct + other.correct, self.total + other.total)
+
+
+@dataclass
+class EvalCounts:
+    """One node's evaluation: per-class counts of Base (base test images among the base classes), Novel
+    (novel among novel) and Local (its own training classes' test images among those classes, indexed by
+    base class)."""
+
+    base: ClassCounts
+    novel: ClassCounts
+    local: ClassCounts
+
+
+def class_counts(predicted: torch.Tensor, labels: torch.Tensor, num_classes: int) -> ClassCounts:
+    """Per true class: how many of ``labels`` the ``predicted`` classes got right, and how many there are."""
+    hit = (predicted == labels).double()
+    return ClassCounts(
+        torch.bincount(labels, weights=hit, minlength=num_classes).round().long(),
+        torch.bincount(labels, minlength=num_classes).long(),
+    )
+
+
+@torch.no_grad()
+def evaluate_counts(
+    backbone: Backbone,
+    eval_set: EvalSet,
+    base_T: torch.Tensor,
+    novel_T: torch.Tensor,
+    batch_size: int,
+    local_T: torch.Tensor | None = None,
+) -> EvalCounts:
+    """``evaluate``'s Base / Novel / Local as counts, for one client's test images (``eval_set``, whose
+    ``client_classes`` holds that one client's classes). ``local_T``: the client's own base-class embeddings
+    (personalised methods); None: ``base_T``."""
+    if len(eval_set.client_classes) != 1:
+        raise ValueError(f"evaluate_counts scores one client, got {len(eval_set.client_classes)}")
+    zb = image_embeddings(backbone, eval_set.base_features, batch_size)
+    zn = image_embeddings(backbone, eval_set.novel_features, batch_size)
+    num_base, labels = len(base_T), eval_set.base_labels
+    own = torch.tensor(sorted(eval_set.client_classes[0]), dtype=torch.long)
+    mask = torch.isin(labels, own)
+    # Local: among the client's own classes, as ``local_accuracy``; counted by base class
+    among_own = own[(zb[mask] @ (base_T if local_T is None else local_T).T)[:, own].argmax(-1)]
+    return EvalCounts(
+        base=class_counts((zb @ base_T.T).argmax(-1), labels, num_base),
+        novel=class_counts((zn @ novel_T.T).argmax(-1), eval_set.novel_labels, len(novel_T)),
+        local=class_counts(among_own, labels[mask], num_base),
+    )
+
+
+def pool_counts(
+    per_client: dict[int, EvalCounts], num_clients: int, base_names: Sequence[str], novel_names: Sequence[str]
+) -> dict[str, Any]:
+    """The clients' counts summed, class by class: Base, Novel and Local accuracy are correct / total over
+    every client's images (each image counts once, whichever client holds it), HM of Base and Novel;
+    ``local_acc_per_client`` each client's own (NaN for one that did not report); and ``eval_counts``,
+    the per-class and per-client counts themselves."""
+    groups = {"base": len(base_names), "novel": len(novel_names), "local": len(base_names)}
+    pooled = {g: ClassCounts.zeros(n) for g, n in groups.items()}
+    for counts in per_client.values():
+        for g in groups:
+            pooled[g] = pooled[g] + getattr(counts, g)
+    names = {"base": list(base_names), "novel": list(novel_names), "local": list(base_names)}
+    base, novel = pooled["base"].accuracy(), pooled["novel"].accuracy()
+    return {
+        "base_acc": base,
+        "novel_acc": novel,
+        "hm": harmonic_mean(base, novel),
+        "local_acc": pooled["local"].accuracy(),
+        "local_acc_per_client": [
+            per_client[k].local.accuracy() if k in per_client else float("nan") for k in range(num_clients)
+        ],
+        "evaluation": "nodes",
+        "eval_counts": {
+            "per_class": {
+                g: {"classes": names[g], "correct": c.correct.tolist(), "total": c.total.tolist()}
+                for g, c in pooled.items()
+            },
+            "per_client": {
+                str(k): {g: [int(getattr(c, g).correct.sum()), int(getattr(c, g).total.sum())] for g in groups}
+                for k, c in sorted(per_client.items())
+            },
+        },
+    }

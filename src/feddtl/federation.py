@@ -6,8 +6,10 @@ Shared by the in-process simulator and the Flower app, so both see the same clie
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -16,9 +18,12 @@ from feddtl.algorithm.client import ClientData
 from feddtl.backbones import Backbone, TextFeatures, build_backbone, min_image_size
 from feddtl.cache import TrunkCache, trunk_batches
 from feddtl.config import ConfigError, ExperimentConfig
-from feddtl.data import DatasetSplits, ImageDataset, cap_per_class, few_shot, load_dataset
+from feddtl.config.node_data_config import NODE_LOCAL
+from feddtl.data import DatasetSplits, ImageDataset, cap_per_class, few_shot, holdout_per_class, load_dataset
 from feddtl.data import partition as partition_indices
 from feddtl.data import split_base_novel
+from feddtl.data.class_match import check_run_classes
+from feddtl.data.class_names import read_class_names
 from feddtl.evaluation import EvalSet
 
 log = logging.getLogger(__name__)
@@ -30,6 +35,39 @@ def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device='cuda' but torch sees no CUDA device; use device='cpu' or 'auto'")
     return torch.device(name)
+
+
+def autocast_dtype(config: ExperimentConfig, device: torch.device) -> torch.dtype | None:
+    """The towers' mixed-precision dtype for ``config.precision`` on ``device``; None: float32.
+
+    bfloat16 autocast is for CUDA: on a CPU (device = "cpu", or "auto" without CUDA) or a GPU without bfloat16
+    the run keeps float32 and says so in a warning (results.json records the precision used), so one config
+    runs on both kinds of machine."""
+    if config.precision == "float32":
+        return None
+    if device.type != "cuda":
+        log.warning(
+            "precision=%r is mixed precision for CUDA; this run is on %s: it runs in float32 "
+            "(results.json: precision float32)", config.precision, device.type,
+        )
+        return None
+    if not torch.cuda.is_bf16_supported():
+        log.warning(
+            "precision=%r: %s has no bfloat16 support: the run is in float32 (results.json: precision float32)",
+            config.precision, torch.cuda.get_device_name(device),
+        )
+        return None
+    return torch.bfloat16
+
+
+def refuse_node_local(config: ExperimentConfig) -> None:
+    """ConfigError for a ``node-local`` run where the clients would be built here (in process, the
+    Simulation Engine): its data exist only on the SuperNodes of a deployment."""
+    if config.dataset == NODE_LOCAL:
+        raise ConfigError(
+            f"dataset={NODE_LOCAL!r}: the server holds no data, each Flower SuperNode brings its own; run it on "
+            "the Deployment Engine (docs/flower.md, 'Each organisation brings its own data')"
+        )
 
 
 def check_image_size(config: ExperimentConfig) -> None:
@@ -62,7 +100,10 @@ def make_backbone(
         backbone.add_lora(config.lora)
     except ValueError as exc:  # lora.*_start_block out of range for this backbone
         raise ConfigError(str(exc)) from None
-    return backbone.to(resolve_device(config.device))
+    device = resolve_device(config.device)
+    backbone = backbone.to(device)
+    backbone.set_precision(autocast_dtype(config, device))
+    return backbone
 
 
 @torch.no_grad()
@@ -108,16 +149,56 @@ class ClassSplit:
 
 
 def class_split(config: ExperimentConfig, splits: DatasetSplits) -> ClassSplit:
-    names = splits.train.classnames
+    return split_classes(config, splits.train.classnames)
+
+
+def split_classes(config: ExperimentConfig, names: list[str]) -> ClassSplit:
+    """The run's classes ``names`` split into base and novel (``base_novel``, its seed)."""
     seed = config.seed if config.base_novel_seed is None else config.base_novel_seed
     base, novel = split_base_novel(len(names), mode=config.base_novel, seed=seed)
     return ClassSplit(base=list(base), novel=list(novel), classnames=list(names))
 
 
+VALIDATION_SEED_OFFSET = 4000
+"""The validation hold-out's seed is ``seed + 4000`` (shots use +1000, full-data caps +2000, test caps +3000)."""
+
+
+def validation_indices(config: ExperimentConfig, splits: DatasetSplits) -> np.ndarray | None:
+    """Positions in ``splits.train`` of the validation hold-out (eval.on = "validation"), else None.
+
+    ``eval.validation_per_class`` images of every class, base and novel, stratified over domains when the
+    data have them, seeded by the run's seed. Carved from the whole training pool before the partition
+    and the shots (``client_indices`` leaves them out), so no client ever holds one, and the test split
+    plays no part in it.
+    """
+    if config.eval.on != "validation":
+        return None
+    train = splits.train
+    try:
+        return holdout_per_class(
+            train.labels, config.eval.validation_per_class, config.seed + VALIDATION_SEED_OFFSET, train.domains
+        )
+    except ValueError as exc:
+        raise ConfigError(f"eval.validation_per_class={config.eval.validation_per_class} is too many for {config.dataset}: {exc}") from None
+
+
+def run_class_names(config: ExperimentConfig) -> list[str]:
+    """The class list of a ``node-local`` run (``data.class_names_file``, read here on the server), checked:
+    no two names that a node's class could both match."""
+    assert config.data.class_names_file is not None  # ExperimentConfig.validate requires it
+    names = read_class_names(config.data.class_names_file, None, NODE_LOCAL)
+    check_run_classes(names, f"data.class_names_file {config.data.class_names_file}")
+    return names
+
+
 def client_indices(config: ExperimentConfig, splits: DatasetSplits, classes: ClassSplit) -> list[np.ndarray]:
-    """Training-image indices of each client: base classes only, partitioned, then few-shot or capped."""
+    """Training-image indices of each client: base classes only, less the validation hold-out (if any),
+    partitioned, then few-shot or capped."""
     labels = splits.train.labels
     pool = np.flatnonzero(np.isin(labels, classes.base))
+    held = validation_indices(config, splits)
+    if held is not None:
+        pool = np.setdiff1d(pool, held)
     if config.partition == "pathological":
         if config.num_clients > len(classes.base):
             raise ConfigError(
@@ -149,12 +230,7 @@ def client_indices(config: ExperimentConfig, splits: DatasetSplits, classes: Cla
         ) from None
     out = []
     for k, part in enumerate(parts):
-        idx = pool[part]
-        if config.shots is not None:
-            idx = few_shot(labels, idx, config.shots, seed=config.seed + 1000 + k)
-        elif config.max_train_per_client is not None and len(idx) > config.max_train_per_client:
-            rng = np.random.default_rng(config.seed + 2000 + k)
-            idx = np.sort(rng.choice(idx, config.max_train_per_client, replace=False))
+        idx = subsample_client(config, labels, pool[part], k)
         if len(idx) == 0:
             raise ConfigError(
                 f"client {k} has no training images (partition={config.partition!r}, alpha={config.alpha}); "
@@ -162,6 +238,18 @@ def client_indices(config: ExperimentConfig, splits: DatasetSplits, classes: Cla
             )
         out.append(idx)
     return out
+
+
+def subsample_client(config: ExperimentConfig, labels: np.ndarray, idx: np.ndarray, client_id: int) -> np.ndarray:
+    """Client ``client_id``'s training images among ``idx`` (indices into ``labels``): ``shots`` per class, or
+    at most ``max_train_per_client`` (seeded per client). The one rule for a partition of the run's dataset
+    and for a SuperNode's own data."""
+    if config.shots is not None:
+        return few_shot(labels, idx, config.shots, seed=config.seed + 1000 + client_id)
+    if config.max_train_per_client is not None and len(idx) > config.max_train_per_client:
+        rng = np.random.default_rng(config.seed + 2000 + client_id)
+        return np.sort(rng.choice(idx, config.max_train_per_client, replace=False))
+    return idx
 
 
 def _domain_parts(config: ExperimentConfig, splits: DatasetSplits, pool: np.ndarray) -> list[np.ndarray]:
@@ -208,26 +296,36 @@ def build_eval_set(
     backbone: Backbone, config: ExperimentConfig, splits: DatasetSplits, classes: ClassSplit,
     client_classes: list[list[int]], cache: TrunkCache | None = None,
 ) -> EvalSet:
-    labels = splits.test.labels
+    """The evaluation images: the test split (capped at data.test_per_class), or with eval.on =
+    "validation" the validation hold-out of the training split, and then no test image is touched."""
+    held = validation_indices(config, splits)
+    source, prefix = (splits.test, "test") if held is None else (splits.train, "validation")
+    labels = source.labels
     sets = []
     domain_ids = []
-    for name, group in (("test-base", classes.base), ("test-novel", classes.novel)):
-        idx = np.flatnonzero(np.isin(labels, group))
-        if config.data.test_per_class is not None:
-            idx = cap_per_class(labels, idx, config.data.test_per_class, seed=config.seed + 3000)
-        features = trunk_features(backbone, splits.test, idx, config) if cache is None else cache.store(
-            name, splits.test, idx
-        )
+    for name, group in ((f"{prefix}-base", classes.base), (f"{prefix}-novel", classes.novel)):
+        if held is None:
+            idx = np.flatnonzero(np.isin(labels, group))
+            if config.data.test_per_class is not None:
+                idx = cap_per_class(labels, idx, config.data.test_per_class, seed=config.seed + 3000)
+        else:
+            idx = held[np.isin(labels[held], group)]
+        features = trunk_features(backbone, source, idx, config) if cache is None else cache.store(name, source, idx)
         sets.append((features, to_base_index(labels[idx], group)))
-        if splits.test.domains is not None:
-            domain_ids.append(torch.from_numpy(splits.test.domains[idx]))
+        if source.domains is not None:
+            domain_ids.append(torch.from_numpy(source.domains[idx]))
     (bf, bl), (nf, nl) = sets
     domains = {}
     if domain_ids:
-        domains = {"domain_names": splits.test.domain_names, "base_domains": domain_ids[0], "novel_domains": domain_ids[1]}
+        domains = {"domain_names": source.domain_names, "base_domains": domain_ids[0], "novel_domains": domain_ids[1]}
     return EvalSet(
         base_features=bf, base_labels=bl, novel_features=nf, novel_labels=nl, client_classes=client_classes, **domains
     )
+
+
+Evaluator = Callable[[torch.Tensor, torch.Tensor, "list[torch.Tensor] | None"], dict[str, Any]]
+"""(base text embeddings, novel text embeddings, per-client base embeddings or None) -> the metrics of
+``evaluation.evaluate`` for the model loaded in the federation's backbone."""
 
 
 @dataclass
@@ -246,6 +344,9 @@ class Federation:
     client_sizes: list[int] | None = None
     """Training images per client when the clients are remote (the Flower server, which holds no client
     data and learns them in its handshake); None: ``len(clients[k])``."""
+    evaluator: Evaluator | None = None
+    """Evaluation that runs elsewhere: the SuperNodes of a ``node-local`` run, where the server holds no
+    test images (``eval_set`` is then empty). None: ``evaluation.evaluate`` on ``eval_set`` here."""
 
     def partition_counts(self) -> np.ndarray | None:
         """Training images per client (rows) and base class (columns, ``classes.base`` order), as the
@@ -285,6 +386,10 @@ def build_federation(
     ``eval_set.client_classes`` / ``client_sizes`` that the caller fills with what the clients report.
     """
     check_image_size(config)  # before the dataset and the model load: a too-small size fails at once
+    if config.dataset == NODE_LOCAL:
+        if with_clients:
+            refuse_node_local(config)
+        return _federation_without_data(config, log_fn)
     splits = load_dataset(config.dataset, config.data, seed=config.seed)
     classes = class_split(config, splits)
     parts = client_indices(config, splits, classes) if with_clients else []
@@ -314,4 +419,27 @@ def build_federation(
         base_text=base_text,
         novel_text=prompt_features(backbone, classes.novel_names, template),
         cache=cache,
+    )
+
+
+def _federation_without_data(config: ExperimentConfig, log_fn) -> Federation:
+    """The server side of a ``node-local`` run: the run's classes, the backbone and the class prompts; no
+    image at all (clients and test images live on the SuperNodes, which the caller connects)."""
+    classes = split_classes(config, run_class_names(config))
+    backbone = make_backbone(config)
+    log_fn(
+        f"{NODE_LOCAL}: {len(classes.base)} base classes {classes.base_names}, {len(classes.novel)} novel "
+        f"{classes.novel_names}; the SuperNodes bring the images and evaluate"
+    )
+    template = config.backbone_options.template
+    empty = torch.zeros((0, 0))
+    no_labels = torch.zeros(0, dtype=torch.long)
+    return Federation(
+        config=config,
+        backbone=backbone,
+        classes=classes,
+        clients=[],
+        eval_set=EvalSet(empty, no_labels, empty, no_labels, client_classes=[]),
+        base_text=prompt_features(backbone, classes.base_names, template),
+        novel_text=prompt_features(backbone, classes.novel_names, template),
     )

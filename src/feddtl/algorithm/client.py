@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -60,15 +61,19 @@ BatchLoss = Callable[[torch.Tensor], tuple[torch.Tensor, dict[str, float]]]
 """One training step's objective on the minibatch of these local indices: (loss, metrics of the step)."""
 
 
+Params = list[torch.nn.Parameter] | list[dict[str, Any]]
+"""What a local Adam trains: parameters, or torch param groups (a group's own "lr" overrides client.lr)."""
+
+
 def train_epochs(
-    params: list[torch.nn.Parameter],
+    params: Params,
     epochs: int,
     n: int,
     config: ClientConfig,
     generator: torch.Generator,
     batch_loss: BatchLoss,
 ) -> dict[str, float]:
-    """Local training: a fresh Adam over ``params``, ``epochs`` passes of seeded minibatches over the
+    """Local training: a fresh Adam over ``params`` (parameters or param groups), ``epochs`` passes of seeded minibatches over the
     ``n`` local images; returns the steps' metrics, averaged."""
     optimizer = torch.optim.Adam(params, lr=config.lr)
     rows = []

@@ -58,10 +58,35 @@ class Backbone(nn.Module, abc.ABC):
     image_std: tuple[float, float, float]
     logit_scale: float
 
+    supports_autocast: bool = False
+    """Whether the towers honour ``set_precision`` (hf-clip); the others always run in float32."""
+
     def __init__(self) -> None:
         super().__init__()
         self.image_start_block: int = 0
         self.text_start_block: int = 0
+        self.autocast_dtype: torch.dtype | None = None
+
+    # ----- mixed precision -----------------------------------------------------------------------
+    def set_precision(self, dtype: torch.dtype | None) -> None:
+        """Run the towers under ``torch.autocast(dtype)`` on their device (None: plain float32). The weights,
+        the LoRA parameters and every tower output stay float32; only the arithmetic inside changes."""
+        if dtype is not None and not self.supports_autocast:
+            raise ValueError(f"backbone {self.info.name!r} runs in float32 only (no mixed precision)")
+        self.autocast_dtype = dtype
+
+    @property
+    def precision(self) -> str:
+        """"float32", or the autocast dtype's name (e.g. "bfloat16")."""
+        return "float32" if self.autocast_dtype is None else str(self.autocast_dtype).removeprefix("torch.")
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """The towers' mixed-precision region: ``torch.autocast`` when ``set_precision`` chose a dtype, else
+        nothing at all (the float32 path is the code that ran before mixed precision existed)."""
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        device = next(self.parameters()).device
+        return torch.autocast(device_type=device.type, dtype=self.autocast_dtype)
 
     # ----- image tower -------------------------------------------------------------------------
     @abc.abstractmethod

@@ -79,7 +79,12 @@ def check_patch_grid(image_size: int, patch_size: int, name: str) -> None:
 
 
 class HFClipBackbone(Backbone):
-    """transformers' CLIPModel with a trunk/tail split in both towers (see module docstring)."""
+    """transformers' CLIPModel with a trunk/tail split in both towers (see module docstring).
+
+    Every tower method runs inside ``self.autocast()`` (mixed precision when ``set_precision`` chose it) and
+    returns float32, so callers, the trunk cache and the losses never see another dtype."""
+
+    supports_autocast = True
 
     def __init__(
         self,
@@ -117,19 +122,22 @@ class HFClipBackbone(Backbone):
         vision = self.model.vision_model
         native = vision.config.image_size
         interpolate = tuple(pixels.shape[-2:]) != (native, native)
-        hidden = vision.embeddings(pixels, interpolate_pos_encoding=interpolate)
-        hidden = vision.pre_layrnorm(hidden)
-        for layer in vision.encoder.layers[: self.image_start_block]:
-            hidden = run_layer(layer, hidden, None)
-        return hidden
+        with self.autocast():
+            hidden = vision.embeddings(pixels, interpolate_pos_encoding=interpolate)
+            hidden = vision.pre_layrnorm(hidden)
+            for layer in vision.encoder.layers[: self.image_start_block]:
+                hidden = run_layer(layer, hidden, None)
+        return hidden.float()  # float32 already without autocast: .float() returns the tensor itself
 
     def image_tail(self, feats: torch.Tensor) -> torch.Tensor:
         vision = self.model.vision_model
         hidden = feats
-        for layer in vision.encoder.layers[self.image_start_block :]:
-            hidden = run_layer(layer, hidden, None)
-        pooled = vision.post_layernorm(hidden[:, 0, :])
-        return self.model.visual_projection(pooled)
+        with self.autocast():
+            for layer in vision.encoder.layers[self.image_start_block :]:
+                hidden = run_layer(layer, hidden, None)
+            pooled = vision.post_layernorm(hidden[:, 0, :])
+            out = self.model.visual_projection(pooled)
+        return out.float()
 
     # ----- text tower ----------------------------------------------------------------------------
     def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
@@ -144,28 +152,31 @@ class HFClipBackbone(Backbone):
         input_ids = tokens["input_ids"].to(device)
         mask = tokens.get("attention_mask")
         mask = torch.ones_like(input_ids) if mask is None else mask.to(device)
-        hidden = text.embeddings(input_ids=input_ids)
-        mask4d = causal_padding_mask_4d(mask, hidden.dtype)
-        for layer in text.encoder.layers[: self.text_start_block]:
-            hidden = run_layer(layer, hidden, mask4d)
-        return {"hidden": hidden, "attention_mask": mask, "input_ids": input_ids}
+        with self.autocast():
+            hidden = text.embeddings(input_ids=input_ids)
+            mask4d = causal_padding_mask_4d(mask, hidden.dtype)
+            for layer in text.encoder.layers[: self.text_start_block]:
+                hidden = run_layer(layer, hidden, mask4d)
+        return {"hidden": hidden.float(), "attention_mask": mask, "input_ids": input_ids}
 
     def text_tail(self, feats: TextFeatures) -> torch.Tensor:
         text = self.model.text_model
         hidden, mask, input_ids = feats["hidden"], feats["attention_mask"], feats["input_ids"]
-        mask4d = causal_padding_mask_4d(mask, hidden.dtype)
-        for layer in text.encoder.layers[self.text_start_block :]:
-            hidden = run_layer(layer, hidden, mask4d)
-        hidden = text.final_layer_norm(hidden)
-        ids = input_ids.to(dtype=torch.int, device=hidden.device)
-        if text.eos_token_id == 2:
-            # legacy configs (before transformers PR #24773): EOS is the highest id in each sequence
-            eos_pos = ids.argmax(dim=-1)
-        else:
-            # first EOS of each sequence (the pad token may equal EOS)
-            eos_pos = (ids == text.eos_token_id).int().argmax(dim=-1)
-        pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), eos_pos]
-        return self.model.text_projection(pooled)
+        with self.autocast():
+            mask4d = causal_padding_mask_4d(mask, hidden.dtype)
+            for layer in text.encoder.layers[self.text_start_block :]:
+                hidden = run_layer(layer, hidden, mask4d)
+            hidden = text.final_layer_norm(hidden)
+            ids = input_ids.to(dtype=torch.int, device=hidden.device)
+            if text.eos_token_id == 2:
+                # legacy configs (before transformers PR #24773): EOS is the highest id in each sequence
+                eos_pos = ids.argmax(dim=-1)
+            else:
+                # first EOS of each sequence (the pad token may equal EOS)
+                eos_pos = (ids == text.eos_token_id).int().argmax(dim=-1)
+            pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), eos_pos]
+            out = self.model.text_projection(pooled)
+        return out.float()
 
     def text_token_embeddings(self, input_ids: torch.Tensor) -> torch.Tensor:
         text = self.model.text_model
@@ -176,11 +187,12 @@ class HFClipBackbone(Backbone):
         input_ids = tokens["input_ids"].to(embeds.device)
         mask = tokens.get("attention_mask")
         mask = torch.ones_like(input_ids) if mask is None else mask.to(embeds.device)
-        hidden = text.embeddings(inputs_embeds=embeds)  # + position embeddings
-        mask4d = causal_padding_mask_4d(mask, hidden.dtype)
-        for layer in text.encoder.layers[: self.text_start_block]:
-            hidden = run_layer(layer, hidden, mask4d)
-        return self.text_tail({"hidden": hidden, "attention_mask": mask, "input_ids": input_ids})
+        with self.autocast():
+            hidden = text.embeddings(inputs_embeds=embeds)  # + position embeddings
+            mask4d = causal_padding_mask_4d(mask, hidden.dtype)
+            for layer in text.encoder.layers[: self.text_start_block]:
+                hidden = run_layer(layer, hidden, mask4d)
+        return self.text_tail({"hidden": hidden.float(), "attention_mask": mask, "input_ids": input_ids})
 
     # ----- LoRA ------------------------------------------------------------------------------------
     def lora_targets(self, image_start: int, text_start: int) -> tuple[list[str], list[str]]:

@@ -79,6 +79,10 @@ def collect(out: Path) -> tuple[dict[str, Any], dict[tuple[str, str], CellSummar
     if not suite_path.is_file():
         raise FileNotFoundError(f"{out}: no suite.toml (is this a `feddtl bench` output folder?)")
     suite = tomllib.loads(suite_path.read_text())
+    chosen = suite.get("bench")  # `feddtl bench --scenarios/--methods` ran part of the suite: report that part
+    if isinstance(chosen, dict):
+        suite["scenario"] = [sc for sc in suite.get("scenario", []) if sc.get("name") in chosen.get("scenarios", [])]
+        suite["methods"] = [m for m in suite.get("methods", []) if m in chosen.get("methods", [])]
     cells: dict[tuple[str, str], CellSummary] = {}
     for sc in suite.get("scenario", []):
         for method in suite.get("methods", []):

@@ -57,6 +57,7 @@ def markdown_table(suite: dict[str, Any], cells: dict[tuple[str, str], CellSumma
             row.append(f"**{text}**" if best[sc["name"]] == m else text)
         lines.append(f"| {m} | " + " | ".join(row) + " |")
     lines += ["", "Scenarios: " + "; ".join(f"`{sc['name']}` = {sc.get('title', sc['name'])}" for sc in scenarios), ""]
+    lines += tuned_section(suite, cells)
     lines += comparison_sections(suite, comparisons(suite, cells))
     # the paired re-reading after the unpaired verdicts, so the two read side by side
     lines += paired_sections(suite, paired_comparisons(suite, cells))
@@ -82,6 +83,36 @@ def markdown_table(suite: dict[str, Any], cells: dict[tuple[str, str], CellSumma
                 lines.append(f"| {m} | " + " | ".join(_fmt(*domain_stats(s, d, "hm")) for d in domains) + " |")
         lines.append("")
     return "\n".join(lines)
+
+
+def tuned_section(suite: dict[str, Any], cells: dict[tuple[str, str], CellSummary]) -> list[str]:
+    """The tuned values the runs record (results.json ``tuned``), per method and partition type; nothing for a
+    suite that ran without a tuned file."""
+    applied: dict[tuple[str, str, str, str], list[str]] = {}
+    for sc in suite.get("scenario", []):
+        for m in suite.get("methods", []):
+            for run in cells[(sc["name"], m)].runs:
+                tuned = run.results.get("tuned")
+                if not isinstance(tuned, dict):
+                    continue
+                values = ", ".join(f"{k} = {v}" for k, v in tuned.get("values", {}).items()) or "(no open knobs)"
+                key = (m, str(tuned.get("partition", "")), values, str(tuned.get("sha256", ""))[:12])
+                if sc["name"] not in applied.setdefault(key, []):
+                    applied[key].append(sc["name"])
+    if not applied:
+        return []
+    lines = [
+        "## Tuned values",
+        "",
+        "What each method ran with, per partition type, as its runs recorded it (results.json `tuned`; chosen by "
+        "`feddtl tune` on a validation hold-out of its tuning split; the file is tuned.toml beside this table).",
+        "",
+        "| method | partition | values | tuned.toml sha256 | scenarios |",
+        "|---|---|---|---|---|",
+    ]
+    for (m, partition, values, sha), scs in applied.items():
+        lines.append(f"| {m} | {partition} | {values} | {sha} | {', '.join(scs)} |")
+    return lines + [""]
 
 
 def _counts(outcomes: list[str], labels: tuple[str, ...]) -> str:

@@ -2,7 +2,8 @@
 
 Layout of the output folder::
 
-    DIR/suite.toml                          the suite file as run
+    DIR/suite.toml                          the suite file as run (plus a [bench] table when --scenarios,
+                                            --methods or --set chose part of it or changed it)
     DIR/runs/<scenario>/<method>/seed<k>/   one run directory per cell (config.toml, metrics.jsonl, results.json)
     DIR/jobs/<scenario>-seed<k>.json|.log   what each worker ran (last sitting) and printed (every sitting)
     DIR/table.md, table.csv, comparison.csv, paired.csv, domains.csv, *.png   the report (`feddtl bench-report DIR` rebuilds it)
@@ -15,6 +16,7 @@ suite entry changed runs again.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import subprocess
@@ -24,8 +26,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from feddtl.bench.suite import Cell, Suite, cell_config_text, preflight
-from feddtl.config import ConfigError, loads_config
+from feddtl.bench.plan import preflight
+from feddtl.bench.suite import Cell, Suite, cell_config_text, is_finished
 from feddtl.server.rundir import atomic_write_text
 
 
@@ -35,6 +37,13 @@ class Job:
 
     name: str
     cells: list[Cell]
+
+    @property
+    def methods(self) -> str:
+        """The cells' methods in order, "fedlora x6" for a tuning sweep's configurations of one method."""
+        names = [c.method for c in self.cells]
+        runs = [(m, sum(1 for _ in group)) for m, group in itertools.groupby(names)]
+        return ", ".join(m if n == 1 else f"{m} x{n}" for m, n in runs)
 
     @property
     def cost(self) -> float:
@@ -47,29 +56,6 @@ class Job:
             )
             total += 0 if c.method == "zeroshot" else per_client * cfg.num_clients * cfg.rounds
         return total
-
-
-def is_finished(cell: Cell, out: Path) -> bool:
-    """The cell's run directory holds results.json and the cell's config.
-
-    The stored config.toml is compared after loading it, so keys it lacks take today's defaults: a
-    feddtl that adds a config section (e.g. a new method's) does not rerun a finished suite, while a
-    changed value (or a changed default the file states) does. A stored config that no longer loads
-    (a key was removed) counts as unfinished.
-    """
-    run_dir = cell.run_dir(out)
-    config = run_dir / "config.toml"
-    if not ((run_dir / "results.json").is_file() and config.is_file()):
-        return False
-    text = config.read_text()
-    if text == cell_config_text(cell):
-        return True
-    # A run written before a config section was added lacks it in its TOML; loaded, the section takes its
-    # defaults, which compute what the run computed: the cell is finished if the loaded configs are equal.
-    try:
-        return loads_config(text, source=str(config)) == cell.config
-    except ConfigError:
-        return False
 
 
 def plan_jobs(cells: list[Cell], out: Path) -> tuple[list[Job], int]:
@@ -90,7 +76,12 @@ def _write_job(job: Job, out: Path) -> Path:
     folder = out / "jobs"
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{job.name}.json"
-    payload = {"cells": [{"run_dir": str(c.run_dir(out)), "config": cell_config_text(c)} for c in job.cells]}
+    payload = {
+        "cells": [
+            {"run_dir": str(c.run_dir(out)), "config": cell_config_text(c), **({"record": c.record} if c.record else {})}
+            for c in job.cells
+        ]
+    }
     atomic_write_text(path, json.dumps(payload, indent=1))
     return path
 
@@ -111,15 +102,29 @@ def run_suite(
     cells = suite.cells(seeds)
     preflight(suite, cells)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "suite.toml", suite.source)
+    atomic_write_text(out / "suite.toml", suite.source + suite.selection_toml)
+    if suite.tuned is not None:  # the values the cells ran with, kept beside them
+        atomic_write_text(out / "tuned.toml", suite.tuned.path.read_text())
+    n_seeds = len(cells) // max(1, len(suite.scenarios) * len(suite.methods))
+    counts = run_cells(
+        cells, out, jobs, f"suite {suite.name}: {len(cells)} cells ({len(suite.scenarios)} scenarios x "
+        f"{len(suite.methods)} methods x {n_seeds} seeds)", log_fn,
+    )
+    from feddtl.bench.report import write_report
+
+    write_report(out)
+    return counts
+
+
+def run_cells(
+    cells: list[Cell], out: Path, jobs: int, title: str, log_fn: Callable[[str], None] = print
+) -> dict[str, int]:
+    """Run the unfinished ``cells`` into ``out``, one worker process per (scenario, seed) job, up to
+    ``jobs`` at once, longest first. Returns counts: cells, finished_before, ran, failed, failed_jobs."""
     todo, finished = plan_jobs(cells, out)
     n_todo = sum(len(j.cells) for j in todo)
     threads = max(1, (os.cpu_count() or 1) // max(1, jobs))
-    log_fn(
-        f"suite {suite.name}: {len(cells)} cells ({len(suite.scenarios)} scenarios x {len(suite.methods)} methods x "
-        f"{len(cells) // max(1, len(suite.scenarios) * len(suite.methods))} seeds); {finished} finished, "
-        f"{n_todo} to run in {len(todo)} jobs, {jobs} at a time, {threads} thread(s) each"
-    )
+    log_fn(f"{title}; {finished} finished, {n_todo} to run in {len(todo)} jobs, {jobs} at a time, {threads} thread(s) each")
     env = {**os.environ, "FEDDTL_THREADS": str(threads), "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
     src = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
@@ -134,14 +139,14 @@ def run_suite(
                 path = _write_job(job, out)
                 # Appended, not overwritten: a resumed suite keeps the earlier sittings' per-cell times.
                 log = open(path.with_suffix(".log"), "a")
-                log.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} {job.name}: {', '.join(c.method for c in job.cells)}\n")
+                log.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} {job.name}: {job.methods}\n")
                 log.flush()
                 proc = subprocess.Popen(
                     [sys.executable, "-m", "feddtl.bench.worker", str(path)],
                     stdout=log, stderr=subprocess.STDOUT, env=env,
                 )
                 running.append((job, proc, time.perf_counter(), log))
-                log_fn(f"  start {job.name} ({len(job.cells)} cells: {', '.join(c.method for c in job.cells)})")
+                log_fn(f"  start {job.name} ({len(job.cells)} cells: {job.methods})")
             time.sleep(0.2)
             for item in list(running):
                 job, proc, t0, log = item
@@ -162,8 +167,5 @@ def run_suite(
             proc.wait()
             log.close()  # type: ignore[attr-defined]
     now_finished = sum(is_finished(c, out) for c in cells)
-    from feddtl.bench.report import write_report
-
-    write_report(out)
     return {"cells": len(cells), "finished_before": finished, "ran": now_finished - finished,
             "failed": len(cells) - now_finished, "failed_jobs": failed_jobs}

@@ -1,9 +1,10 @@
 """One bench job: the cells of one (scenario, seed), run in one process that builds the federation once.
 
 Run as ``python -m feddtl.bench.worker JOB.json``; the JSON lists ``{"run_dir", "config"}`` entries
-(config as TOML text). Cells whose federation key matches the previous cell's reuse its federation:
-the backbone's LoRA and the global RNG are reset to their state right after the build, so each run
-is the same as a standalone ``feddtl run`` of its config (a test checks this).
+(config as TOML text), each with an optional ``"record"`` of fields for its results.json. Cells whose
+federation key matches the previous cell's reuse its federation: the backbone's LoRA and the global RNG
+are reset to their state right after the build, so each run is the same as a standalone ``feddtl run``
+of its config (a test checks this).
 """
 
 from __future__ import annotations
@@ -35,10 +36,12 @@ def _config_from_text(text: str) -> ExperimentConfig:
 
 
 def run_cells(
-    cells: list[tuple[ExperimentConfig, Path]], log_fn: Callable[[str], None] = print
+    cells: list[tuple[ExperimentConfig, Path]], log_fn: Callable[[str], None] = print,
+    records: list[dict[str, Any]] | None = None,
 ) -> list[dict[str, Any]]:
     """Run ``(config, run_dir)`` cells in order, sharing the federation between consecutive equal keys.
 
+    ``records``: per cell, fields added to its results.json (tuned values, a sweep's configuration).
     A failing cell is logged and skipped (its run directory gets no results.json); returns the
     results of the cells that finished.
     """
@@ -49,7 +52,7 @@ def run_cells(
     key = None
     snapshot: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], torch.Tensor] | None = None
     done = []
-    for config, run_dir in cells:
+    for i, (config, run_dir) in enumerate(cells):
         started, cpu_started = time.perf_counter(), time.process_time()
         try:
             if fed is None or federation_key(config) != key:
@@ -66,7 +69,8 @@ def run_cells(
                 fed.backbone.load_text_lora(snapshot[1])
                 torch.set_rng_state(snapshot[2])
             results = run_experiment(
-                config, run_dir, progress=False, log_fn=log_fn, fed=dataclasses.replace(fed, config=config)
+                config, run_dir, progress=False, log_fn=log_fn, fed=dataclasses.replace(fed, config=config),
+                record=records[i] if records else None,
             )
         except Exception:  # one bad cell must not stop the others; the log keeps the traceback
             log_fn(f"FAILED {run_dir}:\n{traceback.format_exc()}")
@@ -92,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     job = json.loads(Path(argv[0]).read_text())
     cells = [(_config_from_text(c["config"]), Path(c["run_dir"])) for c in job["cells"]]
-    done = run_cells(cells, log_fn=lambda s: print(s, flush=True))
+    records = [c.get("record", {}) for c in job["cells"]]
+    done = run_cells(cells, log_fn=lambda s: print(s, flush=True), records=records)
     return 0 if len(done) == len(cells) else 1
 
 

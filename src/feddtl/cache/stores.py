@@ -1,6 +1,6 @@
 """Three implementations of the algorithm's ``TrunkFeatures`` protocol (``len()`` and ``store[index]``).
 
-- ``TensorStore``: trunk outputs in a CPU tensor (float32 or float16 storage).
+- ``TensorStore``: trunk outputs in a tensor in RAM or on the accelerator (float32 or float16 storage).
 - ``MemmapStore``: trunk outputs in a ``.npy`` file read through a numpy memmap, for sets that do not
   fit the memory budget.
 - ``PixelStore``: no cache: every read loads the images, transforms them and runs the frozen trunk.
@@ -37,7 +37,8 @@ def positions(index: Any, n: int) -> np.ndarray:
 
 
 class TensorStore:
-    """Trunk outputs held in memory; float16 storage is widened to float32 on read."""
+    """Trunk outputs held in memory (RAM, or the accelerator's on a CUDA run); float16 storage is widened to
+    float32 on read, on the tensor's device."""
 
     def __init__(self, data: torch.Tensor) -> None:
         self.data = data
@@ -46,7 +47,7 @@ class TensorStore:
         return len(self.data)
 
     def __getitem__(self, index: Any) -> torch.Tensor:
-        pos = torch.from_numpy(positions(index, len(self.data)))
+        pos = torch.from_numpy(positions(index, len(self.data))).to(self.data.device)
         return self.data[pos].to(torch.float32)
 
     @property

@@ -2,7 +2,8 @@
 
 ``TrunkCache.store(name, dataset, indices)`` runs the frozen image trunk once over the images and
 keeps the outputs in RAM while the run's budget allows, else in a memmap file under the run
-directory. With ``cache.enabled = false`` it returns a ``PixelStore`` that recomputes on every read.
+directory. On a CUDA run a store that fits ``cache.device_budget_mb`` stays on the device instead, so the
+training steps read their batches there. With ``cache.enabled = false`` it returns a ``PixelStore`` that recomputes on every read.
 Each client gets its own store (a client only ever encodes its own images); so do the test sets.
 
 ``TrunkCache.persistent_store`` keeps a store in a ``NodeCache`` instead (a Flower SuperNode's node cache),
@@ -55,7 +56,7 @@ class StoreInfo:
     name: str
     images: int
     kind: str
-    """"memory", "disk" or "pixels" (uncached)."""
+    """"device" (accelerator memory), "memory", "disk" or "pixels" (uncached)."""
     nbytes: int
 
 
@@ -85,6 +86,9 @@ class TrunkCache:
         self.build_s = 0.0
         self.memory_bytes = 0
         self.disk_bytes = 0
+        self.device_bytes = 0
+        self.device = next(backbone.parameters()).device
+        self.device_budget = _device_budget(config, self.device)
         self.torch_dtype, self.numpy_dtype = _DTYPES[config.dtype]
         if not config.enabled:
             log_fn(
@@ -113,7 +117,11 @@ class TrunkCache:
         first = next(batches)
         shape = (len(indices), *first.shape[1:])
         nbytes = int(np.prod(shape)) * np.dtype(self.numpy_dtype).itemsize
-        if self.memory_bytes + nbytes <= self.budget_bytes:
+        if self.device_bytes + nbytes <= self.device_budget:
+            out = self._fill_memory(shape, first, batches, self.device)
+            self.device_bytes += nbytes
+            kind = "device"
+        elif self.memory_bytes + nbytes <= self.budget_bytes:
             out = self._fill_memory(shape, first, batches)
             self.memory_bytes += nbytes
             kind = "memory"
@@ -168,8 +176,12 @@ class TrunkCache:
         finally:
             entry.close()  # the map holds the file open itself
         nbytes = int(array.nbytes)
-        if self.memory_bytes + nbytes <= self.budget_bytes:
-            out: TensorStore | MemmapStore = TensorStore(torch.from_numpy(np.array(array)))
+        if self.device_bytes + nbytes <= self.device_budget:
+            out: TensorStore | MemmapStore = TensorStore(torch.from_numpy(np.array(array)).to(self.device))
+            self.device_bytes += nbytes
+            kind = "device"
+        elif self.memory_bytes + nbytes <= self.budget_bytes:
+            out = TensorStore(torch.from_numpy(np.array(array)))
             self.memory_bytes += nbytes
             kind = "memory"
         else:
@@ -181,11 +193,13 @@ class TrunkCache:
         self.infos.append(StoreInfo(name, len(array), kind, nbytes))
         return out
 
-    def _fill_memory(self, shape: tuple[int, ...], first: torch.Tensor, rest: Iterator[torch.Tensor]) -> TensorStore:
-        data = torch.empty(shape, dtype=self.torch_dtype)
+    def _fill_memory(
+        self, shape: tuple[int, ...], first: torch.Tensor, rest: Iterator[torch.Tensor], device: torch.device | None = None
+    ) -> TensorStore:
+        data = torch.empty(shape, dtype=self.torch_dtype, device=device)
         start = 0
         for batch in _chain(first, rest):
-            data[start : start + len(batch)] = batch.to(self.torch_dtype)
+            data[start : start + len(batch)] = batch.to(self.torch_dtype).to(data.device)
             start += len(batch)
         return TensorStore(data)
 
@@ -234,6 +248,8 @@ class TrunkCache:
             "memory_mb": self.memory_bytes / MB,
             "disk_mb": self.disk_bytes / MB,
             "stores_on_disk": sum(i.kind == "disk" for i in self.infos),
+            "device_mb": self.device_bytes / MB,
+            "stores_on_device": sum(i.kind == "device" for i in self.infos),
         }  # build time is reported apart (results.json's time_cache_build_s): it is not a result
 
     def describe(self) -> str:
@@ -244,10 +260,22 @@ class TrunkCache:
         where = f"; {s['stores_on_disk']} stores on disk ({s['disk_mb']:.1f} MB) under {self._disk_dir}" if (
             s["stores_on_disk"]
         ) else ""
+        if s["stores_on_device"]:
+            where = f"; {s['stores_on_device']} stores ({s['device_mb']:.1f} MB) on {self.device}" + where
         return (
             f"trunk cache: {s['images']} images in {s['stores']} stores, {s['memory_mb']:.1f} MB in memory "
             f"(budget {self.config.memory_budget_mb:g} MB, {self.config.dtype}){where}, built in {self.build_s:.1f} s"
         )
+
+
+def _device_budget(config: CacheConfig, device: torch.device) -> int:
+    """Bytes of accelerator memory the stores may take: 0 on a CPU run (RAM is the memory budget's)."""
+    if device.type != "cuda" or not config.enabled:
+        return 0
+    if config.device_budget_mb is not None:
+        return int(config.device_budget_mb * MB)
+    free, _total = torch.cuda.mem_get_info(device)
+    return int(free // 2)  # the other half: the towers' activations and the optimiser during training
 
 
 def _chain(first: torch.Tensor, rest: Iterator[torch.Tensor]) -> Iterator[torch.Tensor]:

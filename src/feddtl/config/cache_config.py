@@ -33,6 +33,11 @@ class CacheConfig:
     is given). The files are deleted when the run ends."""
     batch_size: int = 256
     """Images per trunk forward pass while the cache is filled (and per image-loading chunk)."""
+    device_budget_mb: float | None = None
+    """Runs on CUDA: accelerator memory the cached trunk outputs may take. A store that fits the rest of it is
+    kept on the device, so a training step reads its batch there instead of copying it from RAM; the others
+    go to RAM or disk as above. None: half of the device memory free when the run's cache is created; 0:
+    always in RAM. No effect on CPU runs. The stored values are the same wherever they live."""
 
     def validate(self) -> None:
         if not self.memory_budget_mb >= 0:
@@ -43,3 +48,7 @@ class CacheConfig:
             raise ValueError("cache.dir must be a non-empty path or none")
         if self.batch_size < 1:
             raise ValueError(f"cache.batch_size must be >= 1, got {self.batch_size}")
+        if self.device_budget_mb is not None and not self.device_budget_mb >= 0:
+            raise ValueError(
+                f"cache.device_budget_mb must be >= 0 or none (half the free device memory), got {self.device_budget_mb}"
+            )

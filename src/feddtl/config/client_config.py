@@ -12,6 +12,9 @@ class ClientConfig:
 
     lr: float = 1e-3
     """Adam learning rate (paper: 1e-3). Adam starts fresh every local round: clients keep no optimiser state."""
+    text_lr: float | None = None
+    """Adam learning rate of the text LoRA on clients that train it (fedlora, feddtl-twostage); None:
+    client.lr, one learning rate for both towers (the paper's FedLoRA). A tuning knob ("local text lr")."""
     batch_size: int = 64
     """Local mini-batch size (paper: 64)."""
     sft_epochs: int = 2
@@ -33,6 +36,8 @@ class ClientConfig:
     def validate(self) -> None:
         if self.lr <= 0:
             raise ValueError(f"client.lr must be > 0, got {self.lr}")
+        if self.text_lr is not None and not self.text_lr > 0:
+            raise ValueError(f"client.text_lr must be > 0 or none (client.lr), got {self.text_lr}")
         if self.batch_size < 1:
             raise ValueError(f"client.batch_size must be >= 1, got {self.batch_size}")
         if self.sft_epochs < 0 or self.rl_epochs < 0:

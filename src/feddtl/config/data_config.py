@@ -45,7 +45,12 @@ class DataConfig:
     class_names_file: str | None = None
     """A UTF-8 text file with one class name per line, in label order, that replaces the dataset's class
     names (any dataset; needed for hf: labels without names). The count must match the dataset's classes.
-    A relative path is relative to the working directory."""
+    Lines "<dataset's class name> = <name>" instead rename, order (the file's order becomes the label order,
+    hence the base/novel split) and select (unlisted classes are left out) by the dataset's own names, as
+    CoOp-style protocols need. Blank lines and lines starting with # are skipped. "preset:<file>" names a
+    file shipped with feddtl (feddtl/presets/class_names/). With dataset = "node-local" it is the run's class
+    list (read on the server; SuperNodes' own classes are matched onto it, and a node never reads this file).
+    Other relative paths are relative to the working directory."""
 
     def validate(self) -> None:
         """Raise ValueError naming the offending key and its allowed values."""

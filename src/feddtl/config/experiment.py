@@ -22,6 +22,7 @@ from feddtl.config.fedpgp_config import FedPGPConfig
 from feddtl.config.flower_config import FlowerConfig
 from feddtl.config.grpo_config import GRPOConfig
 from feddtl.config.lora_config import LoraConfig
+from feddtl.config.node_data_config import NODE_LOCAL
 from feddtl.config.privacy_config import PrivacyConfig
 from feddtl.config.promptfl_config import PromptConfig
 from feddtl.config.registry import available_methods
@@ -39,7 +40,9 @@ class ExperimentConfig:
     """Method name from the registry (`feddtl methods` lists them)."""
     dataset: str = "fashion-mnist"
     """Dataset name (fashion-mnist, mnist5k, digits, digits-domains), imagefolder:<path>,
-    imagefolder-domains:<path>, or hf:<hub id or local path> (a Hugging Face dataset)."""
+    imagefolder-domains:<path>, or hf:<hub id or local path> (a Hugging Face dataset); or "node-local": the
+    server holds no data, each Flower SuperNode brings its own (node-config ``data``), the run's classes are
+    ``data.class_names_file``'s and evaluation runs on the nodes (Deployment Engine only)."""
     backbone: str = "lite"
     """"lite" (offline default) or "hf-clip:<hub id or local path>"."""
     partition: Literal["iid", "dirichlet", "pathological", "domain", "domain-dirichlet"] = "pathological"
@@ -74,6 +77,14 @@ class ExperimentConfig:
     rest (partition, shots, initialisation, batches, noise). None: the run's `seed`. No effect with "half"."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where the towers run; auto picks CUDA when available."""
+    precision: Literal["float32", "bfloat16"] = "float32"
+    """Arithmetic of the hf-clip towers. "bfloat16": mixed precision on CUDA: the towers' forward and backward
+    passes run under torch.autocast(bfloat16) while the LoRA weights, the optimiser, the trunk cache, the losses
+    and everything the algorithm computes from the embeddings stay float32 (bfloat16 needs no loss scaling).
+    Where the run lands on a CPU (device = "cpu", or "auto" without CUDA) or on a GPU without bfloat16, it
+    runs in float32 with a warning; results.json's "precision" (written when bfloat16 is asked for) says what
+    was used. Only for hf-clip backbones (lite runs in float32: an error). "float32" (default): as before the
+    key existed."""
     data: DataConfig = field(default_factory=DataConfig)
     backbone_options: BackboneConfig = field(default_factory=BackboneConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
@@ -108,6 +119,11 @@ class ExperimentConfig:
             raise ConfigError(f"backbone={self.backbone!r} is unknown; allowed: lite, hf-clip:<hub id or local path>")
         if self.backbone.startswith("hf-clip:") and not self.backbone[len("hf-clip:") :]:
             raise ConfigError("backbone='hf-clip:' needs a hub id or local path after the colon")
+        if self.precision != "float32" and not self.backbone.startswith("hf-clip:"):
+            raise ConfigError(
+                f"precision={self.precision!r} needs an hf-clip backbone (mixed precision of the CLIP towers on CUDA); "
+                f"backbone={self.backbone!r} runs in float32: set precision='float32'"
+            )
         checks: list[tuple[bool, str]] = [
             (self.num_clients >= 1, f"num_clients must be >= 1, got {self.num_clients}"),
             (self.shots is None or self.shots >= 1, f"shots must be >= 1 or none (full data), got {self.shots}"),
@@ -130,6 +146,10 @@ class ExperimentConfig:
             (self.eval.every >= 1, f"eval.every must be >= 1, got {self.eval.every}"),
             (self.eval.batch_size >= 1, f"eval.batch_size must be >= 1, got {self.eval.batch_size}"),
             (
+                self.eval.validation_per_class >= 1,
+                f"eval.validation_per_class must be >= 1, got {self.eval.validation_per_class}",
+            ),
+            (
                 self.client.switch_round is None or self.client.switch_round <= self.rounds,
                 f"client.switch_round must be <= rounds ({self.rounds}), got {self.client.switch_round}",
             ),
@@ -147,6 +167,17 @@ class ExperimentConfig:
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
+        if self.dataset == NODE_LOCAL and self.data.class_names_file is None:
+            raise ConfigError(
+                f"dataset={NODE_LOCAL!r} needs data.class_names_file: the run's class list (one name per line), "
+                "onto which every SuperNode's own classes are matched"
+            )
+        if self.dataset == NODE_LOCAL and self.eval.on == "validation":
+            # Nodes evaluate on their own held-out test images; no node carves a validation hold-out.
+            raise ConfigError(
+                f"eval.on='validation' is not available with dataset={NODE_LOCAL!r}: the nodes evaluate on their "
+                "own test images; use eval.on='test'"
+            )
         for section in (
             self.data, self.lora, self.client, self.grpo, self.server, self.prompt, self.cache, self.checkpoint,
             self.robustness, self.flower, self.fedpgp,

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import os
 import struct
@@ -12,8 +13,9 @@ from typing import Callable
 import numpy as np
 
 from feddtl.config.data_config import DataConfig
+from feddtl.config.node_data_config import DATA_KEY, NODE_LOCAL
 
-from .class_names import rename_classes
+from .class_names import load_class_names_file, remap_classes, rename_classes
 from .dataset import DIGIT_CLASSNAMES, DatasetError, DatasetSplits, ImageDataset, with_test_cap
 from .domains import load_digit_domains, load_imagefolder_domains
 from .hf import HF_PREFIX, load_hf
@@ -143,8 +145,19 @@ def available_datasets() -> list[str]:
 
 def load_dataset(name: str, config: DataConfig, seed: int) -> DatasetSplits:
     """Load `name` (a registered name, `imagefolder:<path>`, `imagefolder-domains:<path>` or `hf:<hub id or
-    path>`) into seeded train/test splits, with the class names of `data.class_names_file` when it is set."""
+    path>`) into seeded train/test splits, with the class names of `data.class_names_file` when it is set
+    (a mapped file also reorders and selects the classes: see class_names)."""
     config.validate()
+    if name == NODE_LOCAL:  # the server of such a run holds no data; each SuperNode loads its own
+        raise DatasetError(
+            f"dataset={NODE_LOCAL!r} has no data on this machine: it runs on the Flower Deployment Engine only, "
+            f"with each SuperNode naming its own (--node-config '{DATA_KEY}=\"imagefolder:<path>\"')"
+        )
+    names_file = None if config.class_names_file is None else load_class_names_file(config.class_names_file)
+    if names_file is not None and names_file.mapped:
+        # The loader keeps the data set's own names; the mapping then renames, reorders and selects by them.
+        loaded = load_dataset(name, dataclasses.replace(config, class_names_file=None), seed)
+        return check_classes(remap_classes(loaded, names_file))
     if name.startswith(HF_PREFIX):  # reads data.class_names_file itself: unnamed labels need it
         return check_classes(load_hf(name, name[len(HF_PREFIX):], config, seed))
     if name.startswith("imagefolder-domains:"):

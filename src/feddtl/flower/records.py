@@ -8,7 +8,8 @@ label range, finiteness) before any of it reaches the algorithm.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -18,7 +19,8 @@ from feddtl.algorithm.messages import ClientTask, ClientUpdate
 
 # Record names inside a message's RecordDict.
 TASK = "feddtl.task"
-"""ConfigRecord: round, stage, experiment (the resolved config as TOML)."""
+"""ConfigRecord: round, stage, experiment (the resolved config as TOML), classes (the run's class names: a
+node with its own data matches its classes onto them)."""
 TASK_IMAGE_LORA = "feddtl.task.image_lora"
 TASK_CLASS_EMBEDDINGS = "feddtl.task.class_embeddings"
 TASK_SFT_REFERENCE = "feddtl.task.sft_reference_lora"
@@ -26,7 +28,9 @@ TASK_EXTRA = "feddtl.task.extra"
 """ArrayRecord of ClientTask.extra (another method's own tensors, e.g. FedLoRA's text LoRA, a prompt
 context); absent when empty."""
 HELLO = "feddtl.hello"
-"""ConfigRecord of the handshake: experiment (query) / partition-id, num-partitions, classes (reply)."""
+"""ConfigRecord of the handshake: experiment and the run's class names (query) / partition-id, num-partitions,
+classes, num-examples, class-counts, and for a node with its own data: data, excluded, test-base-counts,
+test-novel-counts (reply; see ``NodeReport``)."""
 HELLO_VERSIONS = "feddtl.hello.versions"
 """ConfigRecord of the handshake reply: the node's feddtl, torch and transformers versions and backbone
 weights fingerprint (string values; see flower.versions)."""
@@ -68,7 +72,7 @@ def record_to_tensors(record: ArrayRecord, what: str) -> dict[str, torch.Tensor]
     return out
 
 
-def _check_finite(tensor: torch.Tensor, what: str) -> None:
+def check_finite(tensor: torch.Tensor, what: str) -> None:
     if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
         raise RecordError(f"{what} holds NaN or infinite values")
 
@@ -89,7 +93,7 @@ def checked_state(record: ArrayRecord, expected: TensorSpec, what: str) -> dict[
             raise RecordError(
                 f"{what}[{name!r}]: got {tuple(value.shape)} {value.dtype}, expected {tuple(ref.shape)} {ref.dtype}"
             )
-        _check_finite(value, f"{what}[{name!r}]")
+        check_finite(value, f"{what}[{name!r}]")
         out[name] = value
     return out
 
@@ -103,11 +107,11 @@ def _extra(content: RecordDict, name: str) -> dict[str, torch.Tensor]:
         raise RecordError(f"{name} must be an ArrayRecord, got {type(record).__name__}")
     extra = record_to_tensors(record, name)
     for key, value in extra.items():
-        _check_finite(value, f"{name}[{key!r}]")
+        check_finite(value, f"{name}[{key!r}]")
     return extra
 
 
-def _array_record(content: RecordDict, name: str) -> ArrayRecord:
+def array_record(content: RecordDict, name: str) -> ArrayRecord:
     record = content.get(name)
     if not isinstance(record, ArrayRecord):
         raise RecordError(f"message lacks the ArrayRecord {name!r}")
@@ -131,10 +135,13 @@ def _str(record: Mapping[str, object], key: str, what: str) -> str:
 # ----- server -> client ---------------------------------------------------------------------------
 
 
-def task_to_records(task: ClientTask, experiment_toml: str) -> RecordDict:
-    """The round's task plus the resolved configuration (a client needs nothing else to train)."""
+def task_to_records(task: ClientTask, experiment_toml: str, classes: Sequence[str] = ()) -> RecordDict:
+    """The round's task plus the resolved configuration and the run's class names (a client needs nothing
+    else to train)."""
     content = RecordDict()
-    content[TASK] = ConfigRecord({"round": task.round, "stage": task.stage, "experiment": experiment_toml})
+    content[TASK] = ConfigRecord(
+        {"round": task.round, "stage": task.stage, "experiment": experiment_toml, "classes": list(classes)}
+    )
     content[TASK_IMAGE_LORA] = tensors_to_record(task.image_lora)
     content[TASK_CLASS_EMBEDDINGS] = tensors_to_record({"embeddings": task.class_embeddings})
     if task.sft_reference_lora is not None:
@@ -150,6 +157,17 @@ def experiment_of(content: RecordDict, record_name: str = TASK) -> str:
     if not isinstance(record, ConfigRecord):
         raise RecordError(f"message lacks the ConfigRecord {record_name!r}")
     return _str(record, "experiment", record_name)
+
+
+def classes_of(content: RecordDict, record_name: str = TASK) -> list[str]:
+    """The run's class names a message carries (task, handshake, evaluation)."""
+    record = content.get(record_name)
+    if not isinstance(record, ConfigRecord):
+        raise RecordError(f"message lacks the ConfigRecord {record_name!r}")
+    names = record.get("classes")
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise RecordError(f"{record_name}['classes'] must be a list of class names, got {names!r}")
+    return list(names)
 
 
 def task_from_records(
@@ -168,7 +186,7 @@ def task_from_records(
     stage = _str(meta, "stage", TASK)
     if stage not in STAGES:
         raise RecordError(f"{TASK}['stage'] must be one of {STAGES}, got {stage!r}")
-    embeddings = record_to_tensors(_array_record(content, TASK_CLASS_EMBEDDINGS), TASK_CLASS_EMBEDDINGS)
+    embeddings = record_to_tensors(array_record(content, TASK_CLASS_EMBEDDINGS), TASK_CLASS_EMBEDDINGS)
     T = embeddings.get("embeddings")
     # zero rows: a method whose clients compute the class embeddings themselves (PromptFL, FedPGP)
     if T is None or tuple(T.shape) not in ((num_classes, embed_dim), (0, embed_dim)) or not T.is_floating_point():
@@ -177,9 +195,9 @@ def task_from_records(
             f"{TASK_CLASS_EMBEDDINGS}['embeddings'] must be a float ({num_classes}, {embed_dim}) array "
             f"(base classes x embedding size) or (0, {embed_dim}), got {got}"
         )
-    _check_finite(T, TASK_CLASS_EMBEDDINGS)
+    check_finite(T, TASK_CLASS_EMBEDDINGS)
     sft = content.get(TASK_SFT_REFERENCE)
-    image = _array_record(content, TASK_IMAGE_LORA)
+    image = array_record(content, TASK_IMAGE_LORA)
     return ClientTask(
         round=round_num,
         stage=stage,  # type: ignore[arg-type]
@@ -227,7 +245,7 @@ def update_from_records(
         if isinstance(value, list):
             raise RecordError(f"{UPDATE_METRICS}[{key!r}] must be a number, got a list")
         metrics[key] = float(value)
-    pairs = record_to_tensors(_array_record(content, UPDATE_EMBEDDINGS), UPDATE_EMBEDDINGS)
+    pairs = record_to_tensors(array_record(content, UPDATE_EMBEDDINGS), UPDATE_EMBEDDINGS)
     z, y = pairs.get("embeddings"), pairs.get("labels")
     if z is None or z.ndim != 2 or z.shape[1] != embed_dim or not z.is_floating_point():
         got = "nothing" if z is None else f"{tuple(z.shape)} {z.dtype}"
@@ -237,11 +255,11 @@ def update_from_records(
         raise RecordError(f"{UPDATE_EMBEDDINGS}['labels'] must be an int64 ({len(z)},) array, got {got}")
     if len(y) and (int(y.min()) < 0 or int(y.max()) >= num_classes):
         raise RecordError(f"{UPDATE_EMBEDDINGS}['labels'] must lie in [0, {num_classes}), got [{int(y.min())}, {int(y.max())}]")
-    _check_finite(z, f"{UPDATE_EMBEDDINGS}['embeddings']")
+    check_finite(z, f"{UPDATE_EMBEDDINGS}['embeddings']")
     return ClientUpdate(
         client_id=client_id,
         num_samples=num_samples,
-        image_lora=checked_state(_array_record(content, UPDATE_IMAGE_LORA), image_lora, UPDATE_IMAGE_LORA),
+        image_lora=checked_state(array_record(content, UPDATE_IMAGE_LORA), image_lora, UPDATE_IMAGE_LORA),
         embeddings=z,
         labels=y,
         metrics=metrics,
@@ -252,23 +270,84 @@ def update_from_records(
 # ----- handshake ----------------------------------------------------------------------------------
 
 
-def hello_query(experiment_toml: str) -> RecordDict:
+@dataclass
+class NodeReport:
+    """What a handshake reply says about a node's data besides its classes and image count."""
+
+    class_counts: list[int]
+    """Training images per class of the reply's ``classes`` (same order; ``hello_report``: in the sorted order
+    ``parse_hello_reply`` returns them)."""
+    source: str | None = None
+    """The node's own data (node-config ``data``); None: a partition of the run's dataset."""
+    excluded: list[str] = field(default_factory=list)
+    """Own data: its class names the run does not know (left out)."""
+    test_base_counts: list[int] = field(default_factory=list)
+    """Own data: its test images per base class of the run."""
+    test_novel_counts: list[int] = field(default_factory=list)
+    """Own data: its test images per novel class of the run."""
+
+
+def hello_query(experiment_toml: str, classes: Sequence[str] = ()) -> RecordDict:
     content = RecordDict()
-    content[HELLO] = ConfigRecord({"experiment": experiment_toml})
+    content[HELLO] = ConfigRecord({"experiment": experiment_toml, "classes": list(classes)})
     return content
 
 
-def hello_reply(partition_id: int, num_partitions: int, classes: list[int], num_examples: int) -> RecordDict:
+def hello_reply(
+    partition_id: int, num_partitions: int, classes: list[int], num_examples: int, report: NodeReport | None = None
+) -> RecordDict:
+    values: dict[str, object] = {
+        "partition-id": partition_id,
+        "num-partitions": num_partitions,
+        "classes": [int(c) for c in classes],
+        "num-examples": num_examples,
+    }
+    if report is not None:
+        values["class-counts"] = [int(c) for c in report.class_counts]
+        if report.source is not None:
+            values |= {
+                "data": report.source,
+                "excluded": list(report.excluded),
+                "test-base-counts": [int(c) for c in report.test_base_counts],
+                "test-novel-counts": [int(c) for c in report.test_novel_counts],
+            }
     content = RecordDict()
-    content[HELLO] = ConfigRecord(
-        {
-            "partition-id": partition_id,
-            "num-partitions": num_partitions,
-            "classes": [int(c) for c in classes],
-            "num-examples": num_examples,
-        }
-    )
+    content[HELLO] = ConfigRecord(values)  # type: ignore[arg-type]
     return content
+
+
+def _counts(record: Mapping[str, object], key: str, length: int) -> list[int]:
+    value = record.get(key)
+    if (
+        not isinstance(value, list) or len(value) != length
+        or not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in value)
+    ):
+        raise RecordError(f"{HELLO}[{key!r}] must be {length} counts (integers >= 0), got {value!r}")
+    return list(value)
+
+
+def hello_report(content: RecordDict, num_base: int, num_novel: int) -> NodeReport | None:
+    """The data report of a handshake reply (``parse_hello_reply`` checked the rest); None when the node
+    sent none (a feddtl from before it, admitted only with ``flower.allow_version_mismatch``)."""
+    record = content.get(HELLO)
+    if not isinstance(record, ConfigRecord) or "class-counts" not in record:
+        return None
+    classes = record.get("classes")
+    classes = classes if isinstance(classes, list) else []
+    counts = _counts(record, "class-counts", len(classes))
+    report = NodeReport([count for _, count in sorted(zip(classes, counts))])  # parse_hello_reply sorts the classes
+    source = record.get("data")
+    if source is None:
+        return report
+    if not isinstance(source, str):
+        raise RecordError(f"{HELLO}['data'] must be a string, got {source!r}")
+    excluded = record.get("excluded")
+    if not isinstance(excluded, list) or not all(isinstance(n, str) for n in excluded):
+        raise RecordError(f"{HELLO}['excluded'] must be a list of class names, got {excluded!r}")
+    report.source, report.excluded = source, list(excluded)
+    report.test_base_counts = _counts(record, "test-base-counts", num_base)
+    report.test_novel_counts = _counts(record, "test-novel-counts", num_novel)
+    return report
 
 
 def versions_record(versions: Mapping[str, str]) -> ConfigRecord:

@@ -14,11 +14,15 @@ Run config keys (``[tool.flwr.app.config]`` in pyproject.toml, ``flwr run --run-
 from its checkpoint, after the ServerApp or the SuperLink died; empty: a new run).
 
 SuperNodes are found, and re-found after a restart, by a handshake that also compares their versions
-and backbone weights with the server's (``SuperNodeClients``; docs/flower.md).
+and backbone weights with the server's (``SuperNodeClients``; docs/flower.md). A node may bring its own
+data (node-config ``data``): its handshake reports its per-class counts and the classes the run does not
+know (logged as a warning), all written to ``nodes.json`` in the run directory. In a ``node-local`` run the
+server holds no data at all and the nodes evaluate (``SuperNodeClients.evaluate``).
 """
 
 from __future__ import annotations
 
+import json
 import shlex
 import time
 from collections.abc import Callable
@@ -27,6 +31,7 @@ from logging import INFO
 from pathlib import Path
 from typing import Any
 
+import torch
 from flwr.app import Context, Message, MessageType, RecordDict, UserConfig
 from flwr.common import log
 from flwr.common.constant import ErrorCode
@@ -34,14 +39,18 @@ from flwr.serverapp import Grid, ServerApp
 
 from feddtl.algorithm.messages import ClientTask, ClientUpdate
 from feddtl.config import ConfigError, ExperimentConfig, load_config, to_toml
+from feddtl.config.node_data_config import NODE_LOCAL
+from feddtl.evaluation import EvalCounts, pool_counts
 from feddtl.federation import Federation, build_federation
-from feddtl.flower import records
+from feddtl.flower import eval_records, records
 from feddtl.flower.versions import Versions, differences, local_versions
 from feddtl.server.checkpoint import load_run_config
 from feddtl.server.experiment import run_experiment
 from feddtl.server.robust import RoundFailed
-from feddtl.server.rundir import read_results
+from feddtl.server.rundir import atomic_write_text, read_results
 
+NODES_FILE = "nodes.json"
+"""In the run directory: what each partition's SuperNode reported in its handshake at the start of the run."""
 POLL_S = 0.2
 """Pull interval while waiting for replies (Grid.send_and_receive sleeps 3 s between pulls)."""
 
@@ -127,6 +136,10 @@ class SuperNodeClients:
         """partition id -> the Flower node id serving it"""
         self.partitions: dict[int, tuple[list[int], int]] = {}
         """partition id -> (its base classes, its training-image count), as the handshake at connect said"""
+        self.reports: dict[int, dict[str, Any]] = {}
+        """partition id -> its node's data report (``nodes.json``), from its latest handshake"""
+        self.classes: list[str] = []
+        """The run's class names, sent with every message (a node with its own data matches its classes onto them)"""
         self.greeted: dict[int, int | None] = {}
         """node id -> the partition it serves (None: refused or replaced) for every node that answered a
         handshake; a node that leaves the SuperLink's online list is forgotten, and greeted again if it returns"""
@@ -155,6 +168,7 @@ class SuperNodeClients:
         another node holds fails the run: at the start, that is a deployment to fix.
         """
         self.fed = fed
+        self.classes = list(fed.classes.classnames)
         self.versions = local_versions(self.config.backbone)
         k, timeout = self.config.num_clients, self.config.flower.node_wait_timeout
         self._pump(lambda: len(self.nodes) == k, time.monotonic() + timeout)
@@ -182,7 +196,7 @@ class SuperNodeClients:
         asked = set(self.hellos.values())
         new = sorted(n for n in online if n not in self.greeted and n not in asked)
         if new:
-            query = records.hello_query(self.experiment)
+            query = records.hello_query(self.experiment, self.classes)
             messages = [Message(query, dst_node_id=n, message_type=MessageType.QUERY) for n in new]
             self.hellos.update(zip(self.grid.push_messages(messages), new))
 
@@ -216,9 +230,11 @@ class SuperNodeClients:
             return self._refuse(node, f"SuperNode {node} failed the handshake: {reply.error.reason}", RuntimeError)
         k = self.config.num_clients
         assert self.fed is not None and self.versions is not None
+        split = self.fed.classes
         try:
-            pid, n, classes, count = records.parse_hello_reply(reply.content, len(self.fed.classes.base))
+            pid, n, classes, count = records.parse_hello_reply(reply.content, len(split.base))
             theirs = Versions.from_dict(records.hello_versions(reply.content))
+            report = records.hello_report(reply.content, len(split.base), len(split.novel))
         except records.RecordError as exc:
             return self._refuse(node, f"SuperNode {node} sent a malformed handshake reply: {exc}")
         if n != k:
@@ -264,6 +280,44 @@ class SuperNodeClients:
         self.lost.pop(pid, None)
         if not self.running:
             self.partitions[pid] = (classes, count)
+        self.reports[pid] = self._report(node, pid, classes, count, report)
+
+    def _report(
+        self, node: int, pid: int, classes: list[int], count: int, report: records.NodeReport | None
+    ) -> dict[str, Any]:
+        """The node's entry of nodes.json; a node with its own data is logged, and the classes the run does not
+        know with a warning (the node left them out)."""
+        split = self.fed.classes if self.fed is not None else None
+        assert split is not None
+        base = split.base_names
+        entry: dict[str, Any] = {"node": node, "data": self.config.dataset, "train_images": count}
+        if report is None:
+            return entry
+        entry["train_per_class"] = {base[c]: n for c, n in zip(classes, report.class_counts)}
+        if report.source is None:
+            return entry
+        test_base = dict(zip(base, report.test_base_counts))
+        test_novel = dict(zip(split.novel_names, report.test_novel_counts))
+        entry |= {
+            "data": report.source, "test_per_class": {"base": test_base, "novel": test_novel},
+            "excluded_classes": report.excluded,
+        }
+        shown = ", ".join(f"{name} {n}" for name, n in entry["train_per_class"].items())
+        self.log_fn(
+            f"SuperNode {node} (partition {pid}) brings its own data {report.source}: {count} training images "
+            f"({shown}), {sum(test_base.values())} base and {sum(test_novel.values())} novel test images"
+        )
+        if report.excluded:
+            self.log_fn(
+                f"WARNING: SuperNode {node} (partition {pid}): its classes {report.excluded} are not in the run's "
+                f"class list; excluded (their images are not used)"
+            )
+        return entry
+
+    def write_nodes(self, run_dir: Path) -> None:
+        """``nodes.json``: each partition's node and data report, as the handshakes at connect said."""
+        body = {"partitions": {str(p): self.reports[p] for p in sorted(self.reports)}}
+        atomic_write_text(run_dir / NODES_FILE, json.dumps(body, indent=2) + "\n")
 
     def _on_task_reply(self, partition: int, node: int, reply: Message) -> None:
         if not reply.has_error():
@@ -304,7 +358,6 @@ class SuperNodeClients:
             raise RuntimeError("SuperNodeClients.connect must run before the first round")
         round_num = next(iter(tasks.values())).round if tasks else self.round
         retry, self.round = round_num == self.round, round_num
-        self.replies = {}
         self._scan()
         if retry and any(k not in self.nodes for k in tasks):
             self._pump(lambda: all(k in self.nodes for k in tasks), time.monotonic() + self.config.flower.node_wait_timeout)
@@ -312,15 +365,21 @@ class SuperNodeClients:
 
         def content(task: ClientTask) -> RecordDict:
             if id(task) not in encoded:
-                encoded[id(task)] = records.task_to_records(task, self.experiment)
+                encoded[id(task)] = records.task_to_records(task, self.experiment, self.classes)
             return encoded[id(task)]
 
-        asked = [k for k in tasks if k in self.nodes]
-        for k in tasks:
+        self._exchange({k: content(tasks[k]) for k in tasks}, MessageType.TRAIN, round_num)
+
+    def _exchange(self, contents: dict[int, RecordDict], message_type: str, round_num: int) -> None:
+        """Send ``contents[k]`` to partition k's SuperNode, all at once, and wait up to ``flower.round_timeout``:
+        ``replies[k]`` is then its reply, or why there is none."""
+        self.replies = {}
+        asked = [k for k in contents if k in self.nodes]
+        for k in contents:
             if k not in self.nodes:
                 self.replies[k] = RuntimeError(f"no SuperNode serves partition {k}: {self.lost.get(k) or 'none joined'}")
         messages = [
-            Message(content(tasks[k]), dst_node_id=self.nodes[k], message_type=MessageType.TRAIN, group_id=str(round_num))
+            Message(contents[k], dst_node_id=self.nodes[k], message_type=message_type, group_id=str(round_num))
             for k in asked
         ]
         self.sent = {mid: (k, self.nodes[k]) for mid, k in zip(self.grid.push_messages(messages), asked)}
@@ -352,6 +411,46 @@ class SuperNodeClients:
     def cancel(self, client_id: int) -> None:
         """Nothing to do: a reply that arrives after the server gave up is never pulled."""
 
+    # ----- evaluation on the nodes (a node-local run: the server holds no test images) ----------------
+    def evaluate(self, base_T: torch.Tensor, novel_T: torch.Tensor, client_T: list[torch.Tensor] | None) -> dict[str, Any]:
+        """The model loaded in the server's backbone, evaluated by every partition's SuperNode on its own test
+        images; their per-class counts pooled (``evaluation.pool_counts``). A node that does not answer is
+        left out, with a warning and its reason under ``eval_missing``; none answering fails the run."""
+        if self.fed is None:
+            raise RuntimeError("SuperNodeClients.connect must run before an evaluation")
+        split, k = self.fed.classes, self.config.num_clients
+        self._scan()
+        lora = self.fed.backbone.image_lora_state()
+        shared = None if client_T is not None else eval_records.eval_to_records(
+            self.experiment, self.classes, self.round, lora, base_T, novel_T
+        )
+        contents = {
+            p: shared if shared is not None else eval_records.eval_to_records(
+                self.experiment, self.classes, self.round, lora, base_T, novel_T, client_T[p]  # type: ignore[index]
+            )
+            for p in range(k)
+        }
+        self._exchange(contents, MessageType.EVALUATE, self.round)
+        counts: dict[int, EvalCounts] = {}
+        missing: dict[int, str] = {}
+        for p in range(k):
+            reply = self.replies.pop(p, None)
+            if reply is None or isinstance(reply, Exception):
+                missing[p] = str(reply or "no reply")
+                continue
+            try:
+                counts[p] = eval_records.counts_from_records(reply.content, len(split.base), len(split.novel))
+            except records.RecordError as exc:
+                missing[p] = f"malformed evaluation reply: {exc}"
+        if not counts:
+            raise RuntimeError(f"no SuperNode evaluated the model (round {self.round}): {missing}")
+        for p, why in missing.items():
+            self.log_fn(f"WARNING: partition {p} left out of the evaluation of round {self.round}: {why}")
+        out = pool_counts(counts, k, split.base_names, split.novel_names)
+        if missing:
+            out["eval_missing"] = [{"client": p, "reason": why} for p, why in missing.items()]
+        return out
+
 
 def engine_name(grid: Grid) -> str:
     # The Simulation Engine hands the ServerApp an in-memory grid; the Deployment Engine an HTTP one.
@@ -382,6 +481,10 @@ def serve(
     def build(config: ExperimentConfig, log_fn: Callable[[str], None], run_dir: Path | None = None) -> Federation:
         fed = build_federation(config, log_fn=log_fn, run_dir=run_dir, with_clients=False)
         fed.eval_set.client_classes, fed.client_sizes = clients.connect(fed)
+        if config.dataset == NODE_LOCAL:  # no test image here: the nodes evaluate on theirs
+            fed.evaluator = clients.evaluate
+        if run_dir is not None:
+            clients.write_nodes(Path(run_dir))
         return fed
 
     what = "resuming" if resume else "->"

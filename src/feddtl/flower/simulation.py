@@ -26,6 +26,9 @@ def run_flower_simulation(
     config: ExperimentConfig, out_dir: str | Path, log_fn: Callable[[str], None] = print
 ) -> dict[str, Any]:
     """Run ``config`` on the Simulation Engine and write ``out_dir``; returns results.json's content."""
+    from feddtl.federation import refuse_node_local
+
+    refuse_node_local(config)  # its virtual SuperNodes cannot each name data of their own
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")

@@ -78,6 +78,8 @@ class Worker:
         self.sock_path = fd_path(self.folder_fd, name + ".sock")
         # What the messages need, imported now rather than by the first message. The handlers import the
         # heavy modules lazily (the ClientApp process of a warm node must not), so name them here.
+        import feddtl.evaluation
+        import feddtl.flower.eval_records
         import feddtl.flower.node  # torch, the node cache
         import feddtl.flower.records
         import feddtl.flower.versions

@@ -26,7 +26,7 @@ from feddtl.backbones.base import Backbone
 from feddtl.config import ExperimentConfig
 from feddtl.methods.base import Method, ServerContext
 from feddtl.methods.state import prefixed, unprefixed
-from feddtl.methods.text_side import client_base_text, text_rl_epochs, text_sft_epochs
+from feddtl.methods.text_side import client_base_text, lora_params, text_rl_epochs, text_sft_epochs
 
 IMAGE = "image"
 """Prefix of the image LoRA in the joint state the server aggregates."""
@@ -82,7 +82,7 @@ class FedLoRA(Method):
         generator = torch.Generator().manual_seed(seed)
         backbone.load_image_lora(task.image_lora)
         backbone.load_text_lora(text_lora)
-        params = backbone.image_lora_parameters() + backbone.text_lora_parameters()
+        params = lora_params(backbone, config.client)
 
         def text_fn() -> torch.Tensor:
             return text_embeddings(backbone, base_text)

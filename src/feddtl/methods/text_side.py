@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from feddtl.algorithm.client import ClientData, rl_loss, sft_loss, train_epochs
+from feddtl.algorithm.client import ClientData, Params, rl_loss, sft_loss, train_epochs
 from feddtl.backbones.base import Backbone, TextFeatures
 from feddtl.config.client_config import ClientConfig
 from feddtl.config.grpo_config import GRPOConfig
@@ -40,11 +40,20 @@ def client_base_text(data: ClientData, method: str) -> TextFeatures:
     return data.base_text
 
 
+def lora_params(backbone: Backbone, config: ClientConfig) -> Params:
+    """Both towers' LoRA parameters for a client that trains them; with client.text_lr set, the text LoRA
+    in a param group of its own with that learning rate (the image LoRA keeps client.lr)."""
+    image, text = backbone.image_lora_parameters(), backbone.text_lora_parameters()
+    if config.text_lr is None:
+        return image + text  # one group, exactly as before text_lr existed
+    return [{"params": image}, {"params": text, "lr": config.text_lr}]
+
+
 def text_sft_epochs(
     backbone: Backbone,
     data: ClientData,
     text_fn: Callable[[], torch.Tensor],
-    params: list[torch.nn.Parameter],
+    params: Params,
     epochs: int,
     config: ClientConfig,
     generator: torch.Generator,
@@ -73,7 +82,7 @@ def text_rl_epochs(
     text_fn: Callable[[], torch.Tensor],
     old_logprobs: torch.Tensor,
     ref_logprobs: torch.Tensor,
-    params: list[torch.nn.Parameter],
+    params: Params,
     epochs: int,
     config: ClientConfig,
     grpo: GRPOConfig,

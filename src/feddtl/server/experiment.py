@@ -11,7 +11,7 @@ from typing import Any
 
 import feddtl
 from feddtl.config import ExperimentConfig
-from feddtl.federation import Federation, build_federation, check_image_size
+from feddtl.federation import Federation, build_federation, check_image_size, refuse_node_local
 from feddtl.methods import get_method
 from feddtl.methods.base import Method, ServerContext
 from feddtl.reporting.plots import plot_partition, plot_run
@@ -28,6 +28,9 @@ BuildFn = Callable[..., Federation]
 """Builds the federation: called as ``build(config, log_fn=..., run_dir=...)``."""
 
 FINAL_FIELDS = ("base_acc", "novel_acc", "hm", "local_acc", "local_acc_per_client")
+NODE_EVAL_FIELDS = ("evaluation", "eval_counts", "eval_missing")
+"""Where the final evaluation ran, its counts and the nodes it lacks, when the SuperNodes evaluated (a
+``node-local`` run); absent from every other run's results."""
 PRIVACY_FIELDS = ("dp_upload_epsilon", "dp_upload_delta", "dp_lora_epsilon", "dp_lora_delta")
 """The (epsilon, delta) spent by the end of the run, per DP channel, when [privacy] turned it on."""
 
@@ -77,6 +80,7 @@ def run_experiment(
     remote_clients: ClientRunner | None = None,
     engine: str = "inprocess",
     stop: StopRequest | None = None,
+    record: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Run one experiment and write its run directory; returns results.json's content.
 
@@ -90,10 +94,13 @@ def run_experiment(
     (server side only), the runner of its SuperNodes, and its engine's name.
     ``stop``: when requested (the CLI's signal handlers), the run stops after the current round, with a
     checkpoint, and raises RunStopped.
+    ``record``: fields added to results.json as they are (the bench records the tuned values a cell runs with).
     """
     started = time.perf_counter()
     meter = MemoryMeter()
     check_image_size(config)  # a config error, before anything is written
+    if remote_clients is None:
+        refuse_node_local(config)
     if resume and (finished := read_results(out_dir)) is not None:
         log_fn(f"{out_dir} is finished ({finished.get('method')}, {finished.get('rounds')} rounds, engine "
                f"{finished.get('engine')}): nothing to resume, nothing changed")
@@ -138,6 +145,7 @@ def run_experiment(
             fed, method, clients, run, start_round, rows, meter, progress=progress, log_fn=log_fn, stop=stop
         )
         final = {k: rows[-1][k] for k in FINAL_FIELDS}
+        final |= {k: rows[-1][k] for k in NODE_EVAL_FIELDS if k in rows[-1]}
         if "per_domain_acc" in rows[-1]:
             final["per_domain_acc"] = rows[-1]["per_domain_acc"]
     else:
@@ -153,6 +161,13 @@ def run_experiment(
         "shots": config.shots,
         "rounds": config.rounds if method.trains else 0,
         "seed": config.seed,
+        # Marked only when on: a validation number must never pass for a test number, and test-mode
+        # results.json stay exactly as they were before eval.on existed.
+        **({"eval_on": "validation", "validation_per_class": config.eval.validation_per_class}
+           if config.eval.on == "validation" else {}),
+        # Marked only when asked for, like eval_on: what the towers ran in (bfloat16 falls back to float32 off
+        # CUDA); float32 runs keep results.json as it was before the key existed.
+        **({"precision": fed.backbone.precision} if config.precision != "float32" else {}),
         **final,
         **{k: rows[-1][k] for k in PRIVACY_FIELDS if rows and k in rows[-1]},
         **communication_summary(rows, fed.backbone.parameter_bytes()),
@@ -164,6 +179,7 @@ def run_experiment(
         "time_cache_build_s": fed.cache.build_s if fed.cache is not None else None,
         "wall_s": time.perf_counter() - started,
         "feddtl_version": feddtl.__version__,
+        **(record or {}),
     }
     if fed.cache is not None:
         fed.cache.close()  # the disk store (if any) is per run: its files go now

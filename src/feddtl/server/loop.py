@@ -32,9 +32,12 @@ def mean_client_metrics(updates: Sequence[ClientUpdate]) -> dict[str, float]:
 
 
 def evaluate_method(fed: Federation, method: Method) -> dict[str, Any]:
-    """Base / Novel / HM / Local of the method's current global model."""
+    """Base / Novel / HM / Local of the method's current global model (on the SuperNodes' own test images
+    when the federation has an evaluator: a ``node-local`` run)."""
     base_T, novel_T = method.prepare_eval()
     client_T = method.prepare_local_eval()
+    if fed.evaluator is not None:
+        return fed.evaluator(base_T, novel_T, client_T)
     return evaluate(fed.backbone, fed.eval_set, base_T, novel_T, fed.config.eval.batch_size, client_base_T=client_T)
 
 
