@@ -61,7 +61,8 @@ def config(tmp_path_factory):
 def shapes(config, tmp_path_factory):
     """(image LoRA spec, base classes, embedding size) of partition 0, from an in-process node state."""
     folder = tmp_path_factory.mktemp("shapes")
-    state = client_app.node_state(to_toml(config), 2, {"partition-id": 0, "num-partitions": 2, "cache-dir": str(folder)})
+    node_config = {"partition-id": 0, "num-partitions": 2, "cache-dir": str(folder)}
+    state = client_app.node_state(to_toml(config), 2, node_config, [])  # no run classes: the run's own dataset
     backbone, _ = client_app.client_data(state, 0)
     return backbone.image_lora_state(), len(state.data.partition(0).base), backbone.info.embed_dim
 
