@@ -57,7 +57,12 @@ def stop_on_signals(stop: StopRequest, signals: tuple[signal.Signals, ...] = STO
     def handler(signum: int, frame: FrameType | None) -> None:
         name = signal.Signals(signum).name
         if stop.requested:
-            signal.signal(signum, previous[signal.Signals(signum)])
+            old = previous[signal.Signals(signum)]
+            # Started with the signal ignored (a background job of a script: bash ignores SIGINT there),
+            # a second signal must still stop at once: do what Python's own SIGINT handler / the default does.
+            if signum == signal.SIGINT and old in (signal.SIG_IGN, signal.SIG_DFL):
+                raise KeyboardInterrupt
+            signal.signal(signum, signal.SIG_DFL if old is signal.SIG_IGN else old)
             signal.raise_signal(signum)
             return
         stop.request(name)
