@@ -195,16 +195,22 @@ def message_class(m: dict, first_train: set) -> str:
     return "later train"
 
 
+def grouped_messages(folder: str) -> tuple[str, dict[str, list[dict]]]:
+    """A measurement folder's label and its messages grouped by message class."""
+    result = json.loads((Path(folder) / "summary.json").read_text())
+    groups: dict[str, list[dict]] = {}
+    first: set = set()
+    for m in result["messages"]:
+        groups.setdefault(message_class(m, first), []).append(m)
+    return result["label"], groups
+
+
 def compare(folders: list[str]) -> None:
     """Condensed per-phase table of earlier measurements: the median of each message class's phases."""
     print("| code | message | n | " + " | ".join(name for name, _, _ in PHASES) + " | overhead | total | peak RSS (MiB) |")
     print("|---|---|---|" + "---|" * len(PHASES) + "---|---|---|")
     for folder in folders:
-        result = json.loads((Path(folder) / "summary.json").read_text())
-        groups: dict[str, list[dict]] = {}
-        first: set = set()
-        for m in result["messages"]:
-            groups.setdefault(message_class(m, first), []).append(m)
+        label, groups = grouped_messages(folder)
         for cls in ("hello", "first train (run 1)", "later train"):
             ms = groups.get(cls, [])
             if not ms:
@@ -217,27 +223,19 @@ def compare(folders: list[str]) -> None:
             over = med([m["overhead_s"] for m in ms if "overhead_s" in m])
             total = med([m["total_s"] for m in ms if "total_s" in m])
             rss = med([m["peak_rss_mib"] for m in ms if "peak_rss_mib" in m]).split(".")[0]
-            print(f"| {result['label']} | {cls} | {len(ms)} | {cells} | {over} | {total} | {rss} |")
+            print(f"| {label} | {cls} | {len(ms)} | {cells} | {over} | {total} | {rss} |")
     print("\nFlower's part of \"flwr start, pull\" (medians, where the probe recorded it):\n")
     print("| code | message | " + " | ".join(name for name, _, _ in FLOWER_PHASES) + " |")
     print("|---|---|" + "---|" * len(FLOWER_PHASES))
     for folder in folders:
-        result = json.loads((Path(folder) / "summary.json").read_text())
-        groups = {}
-        first = set()
-        for m in result["messages"]:
-            groups.setdefault(message_class(m, first), []).append(m)
+        label, groups = grouped_messages(folder)
         for cls, ms in groups.items():
             values = [[m["phases"][n] for m in ms if n in m["phases"]] for n, _, _ in FLOWER_PHASES]
             if all(values):
-                print(f"| {result['label']} | {cls} | " + " | ".join(f"{statistics.median(v):.2f}" for v in values) + " |")
+                print(f"| {label} | {cls} | " + " | ".join(f"{statistics.median(v):.2f}" for v in values) + " |")
     warm_rows = []
     for folder in folders:
-        result = json.loads((Path(folder) / "summary.json").read_text())
-        groups = {}
-        first = set()
-        for m in result["messages"]:
-            groups.setdefault(message_class(m, first), []).append(m)
+        label, groups = grouped_messages(folder)
         for cls, ms in groups.items():
             values = [[m["phases"][n] for m in ms if n in m["phases"]] for n, _, _ in WARM_PHASES]
             rss = [m["worker_peak_rss_mib"] for m in ms if m.get("worker_peak_rss_mib")]
@@ -245,7 +243,7 @@ def compare(folders: list[str]) -> None:
             pids = len({m["worker_pid"] for m in ms if "worker_pid" in m})
             if all(values):
                 held_cell = f"{statistics.median(held):.0f}" if held else ""
-                warm_rows.append(f"| {result['label']} | {cls} | " + " | ".join(f"{statistics.median(v):.2f}" for v in values)
+                warm_rows.append(f"| {label} | {cls} | " + " | ".join(f"{statistics.median(v):.2f}" for v in values)
                                  + f" | {held_cell} | {statistics.median(rss):.0f} | {pids} |")
     if warm_rows:
         print("\nMessages handed to the node's warm worker (medians; worker RSS in MiB: held between messages, at the"
