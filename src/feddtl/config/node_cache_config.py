@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from feddtl.config.errors import ConfigError
+from feddtl.config.node_config_values import node_number, node_string
 
 DIR_KEY = "cache-dir"
 MAX_MB_KEY = "cache-max-mb"
@@ -66,16 +67,12 @@ class NodeCacheConfig:
     def from_node_config(cls, node_config: Mapping[str, object]) -> NodeCacheConfig:
         """The node cache settings of a SuperNode's node config (other keys are ignored)."""
         config = cls()
-        if DIR_KEY in node_config:
-            value = node_config[DIR_KEY]
-            if not isinstance(value, str):
-                raise ConfigError(f"node config {DIR_KEY}={value!r} must be a path (a string)")
-            config.dir = value
-        if MAX_MB_KEY in node_config:
-            value = node_config[MAX_MB_KEY]
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise ConfigError(f"node config {MAX_MB_KEY}={value!r} must be a number of MiB")
-            config.max_mb = float(value)
+        directory = node_string(node_config, DIR_KEY, "a path (a string)")
+        if directory is not None:
+            config.dir = directory
+        max_mb = node_number(node_config, MAX_MB_KEY, "a number of MiB")
+        if max_mb is not None:
+            config.max_mb = max_mb
         try:
             config.validate()
         except ValueError as exc:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from feddtl.config.errors import ConfigError
+from feddtl.config.node_config_values import node_string
 
 DATA_KEY = "data"
 NODE_LOCAL = "node-local"
@@ -42,12 +43,10 @@ class NodeDataConfig:
     def from_node_config(cls, node_config: Mapping[str, object]) -> NodeDataConfig:
         """The setting of a SuperNode's node config (other keys are ignored), checked: a string with one of
         ``LOCAL_PREFIXES`` naming a path that exists on this machine."""
-        if DATA_KEY not in node_config:
-            return cls()
-        value = node_config[DATA_KEY]
         hint = f'e.g. --node-config \'{DATA_KEY}="imagefolder:/data/images"\''
-        if not isinstance(value, str):
-            raise ConfigError(f"node config {DATA_KEY}={value!r} must be a string ({hint})")
+        value = node_string(node_config, DATA_KEY, f"a string ({hint})")
+        if value is None:
+            return cls()
         prefix = next((p for p in LOCAL_PREFIXES if value.startswith(p)), None)
         if prefix is None:
             raise ConfigError(

@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from feddtl.config.errors import ConfigError
+from feddtl.config.node_config_values import node_bool, node_number
 
 ENABLED_KEY = "warm-worker"
 IDLE_KEY = "warm-idle-s"
@@ -41,16 +42,12 @@ class WarmWorkerConfig:
     def from_node_config(cls, node_config: Mapping[str, object]) -> WarmWorkerConfig:
         """The warm-worker settings of a SuperNode's node config (other keys are ignored)."""
         config = cls()
-        if ENABLED_KEY in node_config:
-            value = node_config[ENABLED_KEY]
-            if not isinstance(value, bool):
-                raise ConfigError(f"node config {ENABLED_KEY}={value!r} must be true or false")
-            config.enabled = value
-        if IDLE_KEY in node_config:
-            value = node_config[IDLE_KEY]
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise ConfigError(f"node config {IDLE_KEY}={value!r} must be a number of seconds > 0")
-            config.idle_s = float(value)
+        enabled = node_bool(node_config, ENABLED_KEY, "true or false")
+        if enabled is not None:
+            config.enabled = enabled
+        idle_s = node_number(node_config, IDLE_KEY, "a number of seconds > 0")
+        if idle_s is not None:
+            config.idle_s = idle_s
         try:
             config.validate()
         except ValueError as exc:
