@@ -309,37 +309,27 @@ def test_a_stop_during_the_last_round_lets_the_run_finish(run_args, reference, t
     assert_same_run(tmp_path, reference)
 
 
-def test_signals_set_the_stop_request_and_a_second_one_stops_at_once():
-    # prepare: Python's own SIGINT handler, whatever the shell that started pytest left
-    outer = signal.signal(signal.SIGINT, signal.default_int_handler)
+@pytest.mark.parametrize(
+    "started_with",
+    # Python's own handler, and SIGINT ignored (as bash leaves it for a script's background job)
+    [signal.default_int_handler, signal.SIG_IGN],
+    ids=["python-handler", "ignored"],
+)
+def test_signals_set_the_stop_request_and_a_second_one_stops_at_once(started_with):
+    # prepare: the SIGINT handler the process started with, whatever the shell that started pytest left
+    outer = signal.signal(signal.SIGINT, started_with)
     try:
         stop = StopRequest()
-        # execute / assert: the first SIGINT only asks for a stop; the second is Python's own (KeyboardInterrupt)
+        # execute / assert: the first SIGINT only asks for a stop; the second stops at once (KeyboardInterrupt)
         with stop_on_signals(stop):
             signal.raise_signal(signal.SIGINT)
             assert stop.reason == "SIGINT"
             with pytest.raises(KeyboardInterrupt):
                 signal.raise_signal(signal.SIGINT)
         # assert: the handlers are put back on the way out
-        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        assert signal.getsignal(signal.SIGINT) is started_with
     finally:
         signal.signal(signal.SIGINT, outer)
-
-
-def test_a_second_signal_stops_at_once_when_the_process_started_with_it_ignored():
-    # prepare: SIGINT ignored, as bash leaves it for a script's background job
-    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        stop = StopRequest()
-        # execute / assert
-        with stop_on_signals(stop):
-            signal.raise_signal(signal.SIGINT)
-            assert stop.reason == "SIGINT"
-            with pytest.raises(KeyboardInterrupt):
-                signal.raise_signal(signal.SIGINT)
-        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
-    finally:
-        signal.signal(signal.SIGINT, before)
 
 
 # ----- what --resume refuses or leaves alone ------------------------------------------------------
