@@ -158,7 +158,8 @@ def test_bench_report_prints_paired_intervals_and_verdicts(known_suite: Path, ca
     out = capsys.readouterr().out
     assert code == 0
     assert "Holm-adjusted p over 4 tests" in out  # HM family: 2 methods x 2 scenarios
-    line = next(x for x in out.splitlines() if "s1" in x and "feddtl − fedlora HM" in x)
+    lines = [" ".join(x.split()) for x in out.splitlines()]  # columns are padded to their widest entry
+    line = next(x for x in lines if "s1" in x and "feddtl − fedlora HM" in x)
     assert "+2.00 [+1." in line and line.rstrip().endswith("win (unpaired: tie)")
     assert str(known_suite / "paired.csv") in out
 

@@ -321,10 +321,15 @@ def console_lines(rows: list[PairedComparison]) -> list[str]:
         if not members:
             continue
         lines.append(f"paired, {title}: mean [95 % paired-t interval], p, Holm-adjusted p over {len(members)} tests")
-        for r in members:
+        # Widths from the content, so that long scenario and method names keep the columns aligned.
+        pairs = [f"{r.method} − {r.baseline}" for r in members]
+        w_sc = max(len(r.scenario) for r in members)
+        w_pair = max(len(x) for x in pairs)
+        w_ci = max(len(r.interval_text) for r in members)
+        for r, pair in zip(members, pairs):
             lines.append(
-                f"  {r.scenario:<12} {r.method} − {r.baseline} {dict(METRICS)[r.metric]:<5} {r.interval_text:<26} "
-                f"p {_p(r.stat.p)}  p_holm {_p(r.p_holm)}  {r.outcome} (unpaired: {r.unpaired_outcome})"
+                f"  {r.scenario:<{w_sc}}  {pair:<{w_pair}}  {dict(METRICS)[r.metric]:<5} {r.interval_text:<{w_ci}}  "
+                f"p {_p(r.stat.p):<6}  p_holm {_p(r.p_holm):<6}  {r.outcome} (unpaired: {r.unpaired_outcome})"
             )
     return lines
 
