@@ -264,6 +264,17 @@ def _wait_for(what: str, check, timeout: float = RUN_TIMEOUT_S, poll: float = 0.
         time.sleep(poll)
 
 
+def _nodes_received(dep: LocalDeployment, run_id: int, server_round: int, nodes: int = 2) -> bool:
+    """Whether every SuperNode's log says it received run ``run_id``'s train message of ``server_round``."""
+    header = f"[RUN {run_id}, ROUND {server_round}]"
+    for k in range(nodes):
+        lines = dep.log_tail(f"supernode{k}", 1_000_000).splitlines()
+        if not any(header in line and "Received successfully" in "".join(lines[i + 1 : i + 3])
+                   for i, line in enumerate(lines)):
+            return False
+    return True
+
+
 def _checkpoint_round(run: Path) -> int:
     """The round of the run's last checkpoint (-1: none yet)."""
     try:
@@ -302,15 +313,18 @@ def test_resume_after_serverapp_and_superlink_crashes_matches_inprocess(
     for k in range(2):
         dep.start_supernode(k, 2, certs / f"node{k}")
     out = tmp_path / "run"
-    # a ServerApp killed after round 1's checkpoint
+    # a ServerApp killed once both nodes hold round 2's message. Not earlier: killed while it still sends
+    # that message, the nodes wait for its rest until the SuperLink declares the run dead (2 x 30 s after
+    # the ServerApp's last heartbeat, flwr 1.42), which would only make this test a minute slower.
     first = dep.submit(REPO, run_config(overrides, out=str(out)))
-    _wait_for("round 1's checkpoint", lambda: _checkpoint_round(out) >= 1)
+    _wait_for("both nodes to receive round 2", lambda: _nodes_received(dep, first, 2), poll=0.1)
     dep.kill_serverapp()
-    # resumed; then the SuperLink and everything it started killed after round 2's checkpoint
+    assert _checkpoint_round(out) >= 1
+    # resumed; then the SuperLink and everything it started killed once both nodes hold round 3's message
     second = dep.submit(REPO, run_config([], resume=str(out)))
-    _wait_for("round 2's checkpoint", lambda: _checkpoint_round(out) >= 2)
-    assert not (out / "results.json").exists()
+    _wait_for("both nodes to receive round 3", lambda: _nodes_received(dep, second, 3), poll=0.1)
     dep.kill("superlink")
+    assert _checkpoint_round(out) >= 2 and not (out / "results.json").exists()
     # the SuperLink restarts on its database: the SuperNodes reconnect by themselves
     dep.start_superlink()
     _wait_for("both SuperNodes back online", lambda: dep.online_nodes() == 2, timeout=120, poll=2)
