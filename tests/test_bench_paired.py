@@ -165,7 +165,6 @@ def test_bench_report_prints_paired_intervals_and_verdicts(known_suite: Path, ca
 
 
 RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
-PAPER_LITE = RESULTS / "paper-lite"
 
 
 @pytest.mark.parametrize("grid", ["paper-lite", "paper-lite-v2"])
